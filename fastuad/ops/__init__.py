@@ -1,0 +1,24 @@
+"""Fused ops. Each op module holds its pure-PyTorch reference, Triton kernels, autograd and dispatch.
+
+Every op takes ``backend="auto" | "torch" | "triton" | "cuda"``; see :mod:`fastuad.ops._dispatch`.
+"""
+
+from fastuad.ops._dispatch import BACKENDS, BackendUnavailableError
+from fastuad.ops.cosine_distance import cosine_distance, cosine_distance_reference
+from fastuad.ops.cosine_distance_map import (
+    cosine_distance_map,
+    cosine_distance_map_reference,
+    gaussian_blur_reference,
+    gaussian_kernel1d,
+)
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "cosine_distance",
+    "cosine_distance_reference",
+    "cosine_distance_map",
+    "cosine_distance_map_reference",
+    "gaussian_blur_reference",
+    "gaussian_kernel1d",
+]

@@ -1,0 +1,122 @@
+"""Backend selection shared by every op: ``backend="auto" | "torch" | "triton" | "cuda"``.
+
+Each op declares one :class:`Backend` per implementation. A backend says why it cannot run a
+given call (:meth:`Backend.not_supported_reasons`); an empty list means it can. ``"auto"`` walks
+the op's preference order for the inputs' device and takes the first backend with no reasons.
+A backend named explicitly either runs or raises :class:`BackendUnavailableError` with its
+reasons: it never falls back silently.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+
+# Read once, at import: Triton's interpreter is chosen by this variable before kernels load.
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+try:  # Triton ships with Linux CUDA builds of torch; elsewhere the triton backend reports it.
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    HAS_TRITON = False
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was named explicitly but cannot run these inputs."""
+
+
+@dataclass
+class Backend:
+    """One implementation of an op.
+
+    ``fn`` runs the op; ``check`` returns the reasons it cannot run the given tensors (empty when
+    it can). ``devices`` are the device types it accepts and ``dtypes`` the input dtypes.
+    """
+
+    name: str
+    fn: Callable
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    check: Callable[..., list[str]] | None = None
+    extra_reasons: Callable[[], list[str]] = field(default=lambda: [])
+
+    def not_supported_reasons(self, tensors: Sequence[torch.Tensor], **kwargs) -> list[str]:
+        reasons = list(self.extra_reasons())
+        for t in tensors:
+            if t.device.type not in self.devices:
+                reasons.append(f"{self.name} runs on {'/'.join(self.devices)} tensors, got a {t.device.type} tensor")
+                break
+        for t in tensors:
+            if t.dtype not in self.dtypes:
+                names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+                reasons.append(f"{self.name} supports dtypes {names}, got {str(t.dtype).replace('torch.', '')}")
+                break
+        if self.check is not None:
+            reasons.extend(self.check(tensors, **kwargs))
+        return reasons
+
+
+def triton_reasons() -> list[str]:
+    """Why Triton kernels cannot run at all in this process (empty when they can)."""
+    if not HAS_TRITON:
+        return ["triton is not installed (pip install triton; it needs Linux)"]
+    return []
+
+
+def triton_devices() -> tuple[str, ...]:
+    """Devices Triton kernels run on here: CUDA, plus CPU under ``TRITON_INTERPRET=1``."""
+    return ("cuda", "cpu") if TRITON_INTERPRET else ("cuda",)
+
+
+def triton_dtypes(base: tuple[torch.dtype, ...]) -> tuple[torch.dtype, ...]:
+    """The interpreter has no bfloat16: drop it there."""
+    return tuple(d for d in base if not (TRITON_INTERPRET and d == torch.bfloat16))
+
+
+def check_backend_name(backend: str) -> None:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+
+
+def select_backend(
+    op: str,
+    backend: str,
+    backends: dict[str, Backend],
+    tensors: Sequence[torch.Tensor],
+    **kwargs,
+) -> Backend:
+    """Pick the implementation of ``op`` that runs ``tensors``.
+
+    ``backends`` maps names to implementations; for ``"auto"`` the order of preference is
+    cuda, triton, torch on CUDA tensors and torch alone on CPU tensors.
+    """
+    check_backend_name(backend)
+    if backend == "auto":
+        on_cuda = all(t.is_cuda for t in tensors)
+        order = ("cuda", "triton", "torch") if on_cuda else ("torch",)
+        for name in order:
+            impl = backends.get(name)
+            if impl is not None and not impl.not_supported_reasons(tensors, **kwargs):
+                return impl
+        reasons = {n: backends[n].not_supported_reasons(tensors, **kwargs) for n in order if n in backends}
+        raise BackendUnavailableError(f"{op}: no backend can run these inputs: {reasons}")
+    impl = backends.get(backend)
+    if impl is None:
+        have = ", ".join(sorted(backends))
+        raise BackendUnavailableError(f"{op} has no {backend!r} backend (it has: {have})")
+    reasons = impl.not_supported_reasons(tensors, **kwargs)
+    if reasons:
+        raise BackendUnavailableError(f"{op}: backend={backend!r} cannot run these inputs: " + "; ".join(reasons))
+    return impl
+
+
+def available_backends(op_backends: dict[str, Backend], tensors: Sequence[torch.Tensor], **kwargs) -> list[str]:
+    """Names of the backends of an op that can run ``tensors`` (for tests and benchmarks)."""
+    return [n for n, b in op_backends.items() if not b.not_supported_reasons(tensors, **kwargs)]

@@ -1,0 +1,262 @@
+"""Per-pixel cosine distance between two feature maps: ``1 - cos(a[b,:,y,x], b[b,:,y,x])``.
+
+This is the training loss of the reverse-distillation family (RD4AD, MDD-Net, DM-GRD): the
+student's features are pulled towards the frozen teacher's, pixel by pixel. One module holds
+the whole op: the pure-PyTorch reference, the Triton forward and backward kernels, the autograd
+function, and the dispatcher behind :func:`cosine_distance`.
+
+Kernel layout. Features are ``[B, C, H, W]`` (any strides); for NCHW the pixels of one channel
+are contiguous, so a program owns a block of ``BLOCK_P`` pixels of one image and walks the
+channels in chunks of ``BLOCK_C``, accumulating ``a·b``, ``|a|²`` and ``|b|²`` in float32
+(float64 for float64 inputs). Every feature element is read once. The forward can also write
+three per-pixel coefficients so that the backward is a single pass that reads ``a``, ``b`` once
+and writes both gradients, with no second reduction.
+
+Semantics follow ``torch.nn.functional.cosine_similarity``: norms are clamped below at ``eps``.
+Where a norm is clamped the backward treats it as the constant ``eps``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastuad.ops._dispatch import (
+    HAS_TRITON,
+    TRITON_INTERPRET,
+    Backend,
+    select_backend,
+    triton_devices,
+    triton_dtypes,
+    triton_reasons,
+)
+from fastuad.ops._validate import FLOAT_DTYPES, check_positive_float, check_same, check_tensor, out_dtype
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+__all__ = ["cosine_distance", "cosine_distance_reference", "COSINE_DISTANCE_BACKENDS"]
+
+
+# --------------------------------------------------------------------------------------------
+# Reference
+# --------------------------------------------------------------------------------------------
+
+
+def cosine_distance_reference(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``1 - F.cosine_similarity(a, b, dim=1, eps=eps)`` computed in float32 (float64 stays)."""
+    dt = out_dtype(a.dtype)
+    return 1.0 - F.cosine_similarity(a.to(dt), b.to(dt), dim=1, eps=eps)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _cos_fwd_kernel(
+        a_ptr, b_ptr, d_ptr, coef_ptr,
+        C, H, W,
+        sa_b, sa_c, sa_h, sa_w,
+        sb_b, sb_c, sb_h, sb_w,
+        eps,
+        WRITE_COEF: tl.constexpr,
+        ACC: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+    ):
+        """d[b, p] = 1 - cos over channels for a block of pixels; optionally backward coefficients."""
+        pid_p = tl.program_id(0)
+        bi = tl.program_id(1).to(tl.int64)
+        HW = H * W
+        p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        pmask = p < HW
+        h = p // W
+        w = p % W
+        a_pix = a_ptr + bi * sa_b + h * sa_h + w * sa_w
+        b_pix = b_ptr + bi * sb_b + h * sb_h + w * sb_w
+        acc_ab = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
+        acc_aa = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
+        acc_bb = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            m = (c < C)[:, None] & pmask[None, :]
+            x = tl.load(a_pix[None, :] + c[:, None] * sa_c, mask=m, other=0.0).to(ACC)
+            y = tl.load(b_pix[None, :] + c[:, None] * sb_c, mask=m, other=0.0).to(ACC)
+            acc_ab += x * y
+            acc_aa += x * x
+            acc_bb += y * y
+        dot = tl.sum(acc_ab, axis=0)
+        if ACC == tl.float64:
+            na_raw = tl.sqrt(tl.sum(acc_aa, axis=0))
+            nb_raw = tl.sqrt(tl.sum(acc_bb, axis=0))
+        else:  # correctly rounded: plain tl.sqrt is approximate on the GPU
+            na_raw = tl.sqrt_rn(tl.sum(acc_aa, axis=0))
+            nb_raw = tl.sqrt_rn(tl.sum(acc_bb, axis=0))
+        na = tl.maximum(na_raw, eps)
+        nb = tl.maximum(nb_raw, eps)
+        inv_ab = 1.0 / (na * nb)
+        cos = dot * inv_ab
+        out = bi * HW + p
+        tl.store(d_ptr + out, 1.0 - cos, mask=pmask)
+        if WRITE_COEF:
+            # d(1-cos)/da = -(b * inv_ab - cos/na² * a); the second term vanishes where na is clamped.
+            coef_a = tl.where(na_raw > eps, cos / (na * na), 0.0)
+            coef_b = tl.where(nb_raw > eps, cos / (nb * nb), 0.0)
+            n = tl.num_programs(1).to(tl.int64) * HW
+            tl.store(coef_ptr + out, inv_ab, mask=pmask)
+            tl.store(coef_ptr + n + out, coef_a, mask=pmask)
+            tl.store(coef_ptr + 2 * n + out, coef_b, mask=pmask)
+
+    @triton.jit
+    def _cos_bwd_kernel(
+        a_ptr, b_ptr, g_ptr, coef_ptr, ga_ptr, gb_ptr,
+        C, H, W,
+        sa_b, sa_c, sa_h, sa_w,
+        sb_b, sb_c, sb_h, sb_w,
+        NEED_GA: tl.constexpr,
+        NEED_GB: tl.constexpr,
+        ACC: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+    ):
+        """One pass over the channels: reads a, b once, writes contiguous grad_a, grad_b."""
+        pid_p = tl.program_id(0)
+        bi = tl.program_id(1).to(tl.int64)
+        HW = H * W
+        n = tl.num_programs(1).to(tl.int64) * HW
+        p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        pmask = p < HW
+        h = p // W
+        w = p % W
+        pix = bi * HW + p
+        g = tl.load(g_ptr + pix, mask=pmask, other=0.0).to(ACC)
+        inv_ab = tl.load(coef_ptr + pix, mask=pmask, other=0.0)
+        coef_a = tl.load(coef_ptr + n + pix, mask=pmask, other=0.0)
+        coef_b = tl.load(coef_ptr + 2 * n + pix, mask=pmask, other=0.0)
+        a_pix = a_ptr + bi * sa_b + h * sa_h + w * sa_w
+        b_pix = b_ptr + bi * sb_b + h * sb_h + w * sb_w
+        out_pix = bi * C * HW + p
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            m = (c < C)[:, None] & pmask[None, :]
+            x = tl.load(a_pix[None, :] + c[:, None] * sa_c, mask=m, other=0.0).to(ACC)
+            y = tl.load(b_pix[None, :] + c[:, None] * sb_c, mask=m, other=0.0).to(ACC)
+            o = out_pix[None, :] + c[:, None] * HW
+            if NEED_GA:
+                ga = -g[None, :] * (y * inv_ab[None, :] - coef_a[None, :] * x)
+                tl.store(ga_ptr + o, ga.to(ga_ptr.dtype.element_ty), mask=m)
+            if NEED_GB:
+                gb = -g[None, :] * (x * inv_ab[None, :] - coef_b[None, :] * y)
+                tl.store(gb_ptr + o, gb.to(gb_ptr.dtype.element_ty), mask=m)
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def pixel_blocks(num_images: int, hw: int, channels: int) -> tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_C, num_warps) for a per-pixel channel reduction.
+
+    Wide pixel blocks give long coalesced rows; narrow ones give more programs. The GPU wants
+    a few programs per multiprocessor, so the block narrows until the grid is large enough.
+    The interpreter wants few, large blocks.
+    """
+    if TRITON_INTERPRET:
+        return 64, 16, 4
+    block_c = 16 if channels >= 16 else max(1, triton.next_power_of_2(channels))
+    for block_p in (128, 64, 32):
+        if num_images * triton.cdiv(hw, block_p) >= 4 * 132:
+            break
+    return block_p, block_c, 4
+
+
+def cosine_distance_triton_forward(
+    a: torch.Tensor, b: torch.Tensor, eps: float, out: torch.Tensor | None = None, with_coef: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the forward kernel. ``out`` (``[B, H*W]`` view) lets callers write into a slice."""
+    B, C, H, W = a.shape
+    dt = out_dtype(a.dtype)
+    if out is None:
+        out = torch.empty((B, H, W), device=a.device, dtype=dt)
+    coef = torch.empty((3, B, H, W), device=a.device, dtype=dt) if with_coef else out
+    block_p, block_c, warps = pixel_blocks(B, H * W, C)
+    grid = (triton.cdiv(H * W, block_p), B)
+    _cos_fwd_kernel[grid](
+        a, b, out, coef, C, H, W, *a.stride(), *b.stride(), eps,
+        WRITE_COEF=with_coef, ACC=_acc_dtype(a.dtype), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps,
+    )
+    return out, (coef if with_coef else None)
+
+
+def cosine_distance_triton_backward(
+    a: torch.Tensor, b: torch.Tensor, grad: torch.Tensor, coef: torch.Tensor, need_a: bool, need_b: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    B, C, H, W = a.shape
+    grad = grad.contiguous()
+    ga = torch.empty((B, C, H, W), device=a.device, dtype=a.dtype) if need_a else None
+    gb = torch.empty((B, C, H, W), device=b.device, dtype=b.dtype) if need_b else None
+    block_p, block_c, warps = pixel_blocks(B, H * W, C)
+    grid = (triton.cdiv(H * W, block_p), B)
+    _cos_bwd_kernel[grid](
+        a, b, grad, coef, ga if need_a else grad, gb if need_b else grad, C, H, W, *a.stride(), *b.stride(),
+        NEED_GA=need_a, NEED_GB=need_b, ACC=_acc_dtype(a.dtype), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps,
+    )
+    return ga, gb
+
+
+class _CosineDistanceTriton(torch.autograd.Function):
+    """Autograd wrapper: the forward saves three per-pixel coefficients for a one-pass backward."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        d, coef = cosine_distance_triton_forward(a, b, eps, with_coef=need_grad)
+        if need_grad:
+            ctx.save_for_backward(a, b, coef)
+        return d
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        a, b, coef = ctx.saved_tensors
+        ga, gb = cosine_distance_triton_backward(a, b, grad, coef, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return ga, gb, None
+
+
+def _run_torch(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
+    return cosine_distance_reference(a, b, eps)
+
+
+def _run_triton(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
+    return _CosineDistanceTriton.apply(a, b, eps)
+
+
+COSINE_DISTANCE_BACKENDS: dict[str, Backend] = {
+    "torch": Backend("torch", _run_torch, devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES),
+    "triton": Backend(
+        "triton", _run_triton, devices=triton_devices(), dtypes=triton_dtypes(FLOAT_DTYPES), extra_reasons=triton_reasons
+    ),
+}
+
+
+def cosine_distance(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8, backend: str = "auto") -> torch.Tensor:
+    """Cosine distance over channels, ``1 - F.cosine_similarity(a, b, dim=1, eps=eps)``.
+
+    Args:
+        a, b: feature maps ``[B, C, H, W]`` of the same shape, dtype (float16, bfloat16, float32
+            or float64) and device. Any strides.
+        eps: lower clamp of each vector norm, as in ``F.cosine_similarity``.
+        backend: ``"auto"``, ``"torch"`` (reference) or ``"triton"``.
+
+    Returns:
+        ``[B, H, W]`` float32 (float64 for float64 inputs), differentiable in ``a`` and ``b``.
+    """
+    check_tensor("a", a, 4, "[B, C, H, W]")
+    check_tensor("b", b, 4, "[B, C, H, W]")
+    check_same("a", a, "b", b)
+    eps = check_positive_float("eps", eps)
+    impl = select_backend("cosine_distance", backend, COSINE_DISTANCE_BACKENDS, (a, b))
+    return impl.fn(a, b, eps)
