@@ -1,0 +1,5 @@
+import sys
+
+from fastuad.cli import main
+
+sys.exit(main())
