@@ -8,7 +8,7 @@ from conftest import TRITON_DEVICE, float_dtypes_for_triton
 from fastuad.ops import BackendUnavailableError, cosine_distance, cosine_distance_reference
 
 # (B, C, H, W): odd sizes, channel counts off the block sizes, a single pixel, a single channel.
-SHAPES = [(2, 20, 9, 11), (1, 1, 5, 3), (3, 37, 1, 1), (2, 64, 16, 16)]
+SHAPES = [(2, 20, 9, 11), (1, 1, 5, 3), (3, 37, 1, 1), (2, 64, 16, 16), (1, 200, 4, 6)]
 
 
 def _pair(shape, dtype, device, seed=0):
@@ -113,3 +113,15 @@ def test_cuda_backend_is_not_offered_for_cosine_distance():
     a, b = _pair((1, 4, 3, 3), torch.float32, "cpu")
     with pytest.raises(BackendUnavailableError, match="no 'cuda' backend"):
         cosine_distance(a, b, backend="cuda")
+
+
+@pytest.mark.parametrize("split", [1, 2, 3, 7])
+def test_triton_channel_split_forward_and_backward(split):
+    """Small grids split the channel loop across programs; every split count gives the same answer."""
+    from fastuad.ops.cosine_distance import cosine_distance_triton_forward
+
+    a, b = _pair((2, 150, 3, 5), torch.float32, TRITON_DEVICE, seed=4)
+    d, coef = cosine_distance_triton_forward(a, b, 1e-8, with_coef=True, split=split)
+    torch.testing.assert_close(d, cosine_distance_reference(a, b), atol=1e-5, rtol=1e-5)
+    d1, coef1 = cosine_distance_triton_forward(a, b, 1e-8, with_coef=True, split=1)
+    torch.testing.assert_close(coef, coef1, atol=1e-6, rtol=1e-5)

@@ -79,6 +79,7 @@ CASES = [
     ([(8, 16, 16)], (7, 5), "mean", 1.0),  # one scale, downsampled
     ([(5, 3, 4), (6, 7, 9)], (70, 45), "mean", 0.0),  # scales not in stride order, no blur
     ([(3, 1, 1), (4, 2, 3)], (33, 65), "sum", 0.4),  # 1x1 scale; radius 2
+    ([(130, 4, 4), (8, 8, 8)], 16, "prod", 1.0),  # enough channels for the split channel loop
 ]
 
 

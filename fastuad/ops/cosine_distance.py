@@ -18,6 +18,8 @@ Where a norm is clamped the backward treats it as the constant ``eps``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -57,21 +59,51 @@ def cosine_distance_reference(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-
 if HAS_TRITON:
 
     @triton.jit
+    def _cos_epilogue(dot, aa, bb, eps, d_ptr, coef_ptr, out, n, pmask, WRITE_COEF: tl.constexpr, ACC: tl.constexpr):
+        """From the three channel sums of a pixel block: ``1 - cos`` and the backward coefficients."""
+        if ACC == tl.float64:
+            na_raw = tl.sqrt(aa)
+            nb_raw = tl.sqrt(bb)
+        else:  # correctly rounded: plain tl.sqrt is approximate on the GPU
+            na_raw = tl.sqrt_rn(aa)
+            nb_raw = tl.sqrt_rn(bb)
+        na = tl.maximum(na_raw, eps)
+        nb = tl.maximum(nb_raw, eps)
+        inv_ab = 1.0 / (na * nb)
+        cos = dot * inv_ab
+        tl.store(d_ptr + out, 1.0 - cos, mask=pmask)
+        if WRITE_COEF:
+            # d(1-cos)/da = -(b * inv_ab - cos/na² * a); the second term vanishes where na is clamped.
+            coef_a = tl.where(na_raw > eps, cos / (na * na), 0.0)
+            coef_b = tl.where(nb_raw > eps, cos / (nb * nb), 0.0)
+            tl.store(coef_ptr + out, inv_ab, mask=pmask)
+            tl.store(coef_ptr + n + out, coef_a, mask=pmask)
+            tl.store(coef_ptr + 2 * n + out, coef_b, mask=pmask)
+
+    @triton.jit
     def _cos_fwd_kernel(
         a_ptr, b_ptr, d_ptr, coef_ptr,
-        C, H, W,
+        C, H, W, C_PER_SPLIT,
         sa_b, sa_c, sa_h, sa_w,
         sb_b, sb_c, sb_h, sb_w,
         eps,
+        SPLIT: tl.constexpr,
         WRITE_COEF: tl.constexpr,
         ACC: tl.constexpr,
         BLOCK_C: tl.constexpr,
         BLOCK_P: tl.constexpr,
     ):
-        """d[b, p] = 1 - cos over channels for a block of pixels; optionally backward coefficients."""
+        """Channel sums for a block of pixels of one image, over one channel split.
+
+        With ``SPLIT == 1`` it finishes the pixels (``1 - cos`` and, optionally, the backward
+        coefficients). With ``SPLIT > 1`` (too few pixel blocks to fill the GPU) program
+        ``(p, b, s)`` writes its three partial sums to ``d_ptr[s, 3, B*H*W]`` for
+        :func:`_cos_finalize_kernel`.
+        """
         pid_p = tl.program_id(0)
         bi = tl.program_id(1).to(tl.int64)
         HW = H * W
+        n = tl.num_programs(1).to(tl.int64) * HW
         p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
         pmask = p < HW
         h = p // W
@@ -81,35 +113,48 @@ if HAS_TRITON:
         acc_ab = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
         acc_aa = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
         acc_bb = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
-        for c0 in range(0, C, BLOCK_C):
+        c_start = tl.program_id(2) * C_PER_SPLIT
+        c_end = tl.minimum(c_start + C_PER_SPLIT, C)
+        for c0 in range(c_start, c_end, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
-            m = (c < C)[:, None] & pmask[None, :]
+            m = (c < c_end)[:, None] & pmask[None, :]
             x = tl.load(a_pix[None, :] + c[:, None] * sa_c, mask=m, other=0.0).to(ACC)
             y = tl.load(b_pix[None, :] + c[:, None] * sb_c, mask=m, other=0.0).to(ACC)
             acc_ab += x * y
             acc_aa += x * x
             acc_bb += y * y
         dot = tl.sum(acc_ab, axis=0)
-        if ACC == tl.float64:
-            na_raw = tl.sqrt(tl.sum(acc_aa, axis=0))
-            nb_raw = tl.sqrt(tl.sum(acc_bb, axis=0))
-        else:  # correctly rounded: plain tl.sqrt is approximate on the GPU
-            na_raw = tl.sqrt_rn(tl.sum(acc_aa, axis=0))
-            nb_raw = tl.sqrt_rn(tl.sum(acc_bb, axis=0))
-        na = tl.maximum(na_raw, eps)
-        nb = tl.maximum(nb_raw, eps)
-        inv_ab = 1.0 / (na * nb)
-        cos = dot * inv_ab
+        aa = tl.sum(acc_aa, axis=0)
+        bb = tl.sum(acc_bb, axis=0)
         out = bi * HW + p
-        tl.store(d_ptr + out, 1.0 - cos, mask=pmask)
-        if WRITE_COEF:
-            # d(1-cos)/da = -(b * inv_ab - cos/na² * a); the second term vanishes where na is clamped.
-            coef_a = tl.where(na_raw > eps, cos / (na * na), 0.0)
-            coef_b = tl.where(nb_raw > eps, cos / (nb * nb), 0.0)
-            n = tl.num_programs(1).to(tl.int64) * HW
-            tl.store(coef_ptr + out, inv_ab, mask=pmask)
-            tl.store(coef_ptr + n + out, coef_a, mask=pmask)
-            tl.store(coef_ptr + 2 * n + out, coef_b, mask=pmask)
+        if SPLIT == 1:
+            _cos_epilogue(dot, aa, bb, eps, d_ptr, coef_ptr, out, n, pmask, WRITE_COEF, ACC)
+        else:
+            part = d_ptr + tl.program_id(2).to(tl.int64) * 3 * n + out
+            tl.store(part, dot, mask=pmask)
+            tl.store(part + n, aa, mask=pmask)
+            tl.store(part + 2 * n, bb, mask=pmask)
+
+    @triton.jit
+    def _cos_finalize_kernel(
+        part_ptr, d_ptr, coef_ptr, N, eps,
+        SPLIT: tl.constexpr,
+        WRITE_COEF: tl.constexpr,
+        ACC: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """Sums the ``SPLIT`` partial channel sums per pixel (fixed order: deterministic), then finishes."""
+        out = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        pmask = out < N
+        dot = tl.zeros([BLOCK], ACC)
+        aa = tl.zeros([BLOCK], ACC)
+        bb = tl.zeros([BLOCK], ACC)
+        for s in tl.static_range(SPLIT):
+            part = part_ptr + s * 3 * N + out
+            dot += tl.load(part, mask=pmask, other=0.0)
+            aa += tl.load(part + N, mask=pmask, other=0.0)
+            bb += tl.load(part + 2 * N, mask=pmask, other=0.0)
+        _cos_epilogue(dot, aa, bb, eps, d_ptr, coef_ptr, out, N, pmask, WRITE_COEF, ACC)
 
     @triton.jit
     def _cos_bwd_kernel(
@@ -158,6 +203,11 @@ def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def pixel_blocks(num_images: int, hw: int, channels: int) -> tuple[int, int, int]:
     """(BLOCK_P, BLOCK_C, num_warps) for a per-pixel channel reduction.
 
@@ -174,21 +224,57 @@ def pixel_blocks(num_images: int, hw: int, channels: int) -> tuple[int, int, int
     return block_p, block_c, 4
 
 
+def channel_splits(programs: int, channels: int, block_c: int, device: torch.device) -> int:
+    """How many programs share one pixel block's channels, so that small grids still fill the GPU.
+
+    Each split keeps at least four channel chunks; at most 16 splits. Under the interpreter the
+    split path is taken whenever there are enough channels, so the CPU tests cover it.
+    """
+    if TRITON_INTERPRET:
+        return 2 if channels >= 8 * block_c else 1
+    if device.type != "cuda":
+        return 1
+    target = 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    if programs >= target:
+        return 1
+    return max(1, min(16, triton.cdiv(target, programs), channels // (4 * block_c)))
+
+
 def cosine_distance_triton_forward(
-    a: torch.Tensor, b: torch.Tensor, eps: float, out: torch.Tensor | None = None, with_coef: bool = False
+    a: torch.Tensor,
+    b: torch.Tensor,
+    eps: float,
+    out: torch.Tensor | None = None,
+    with_coef: bool = False,
+    split: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launch the forward kernel. ``out`` (``[B, H*W]`` view) lets callers write into a slice."""
+    """Launch the forward kernel(s). ``out`` (a ``[B, H, W]`` view) lets callers write into a slice.
+
+    ``split`` forces the number of channel splits (default: :func:`channel_splits`).
+    """
     B, C, H, W = a.shape
     dt = out_dtype(a.dtype)
     if out is None:
         out = torch.empty((B, H, W), device=a.device, dtype=dt)
     coef = torch.empty((3, B, H, W), device=a.device, dtype=dt) if with_coef else out
     block_p, block_c, warps = pixel_blocks(B, H * W, C)
-    grid = (triton.cdiv(H * W, block_p), B)
-    _cos_fwd_kernel[grid](
-        a, b, out, coef, C, H, W, *a.stride(), *b.stride(), eps,
-        WRITE_COEF=with_coef, ACC=_acc_dtype(a.dtype), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps,
+    n_pblocks = triton.cdiv(H * W, block_p)
+    if split is None:
+        split = channel_splits(n_pblocks * B, C, block_c, a.device)
+    c_per_split = triton.cdiv(triton.cdiv(C, split), block_c) * block_c
+    split = triton.cdiv(C, c_per_split)
+    acc = _acc_dtype(a.dtype)
+    part = out if split == 1 else torch.empty((split, 3, B * H * W), device=a.device, dtype=dt)
+    _cos_fwd_kernel[(n_pblocks, B, split)](
+        a, b, part, coef, C, H, W, c_per_split, *a.stride(), *b.stride(), eps,
+        SPLIT=split, WRITE_COEF=with_coef, ACC=acc, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps,
     )
+    if split > 1:
+        n = B * H * W
+        block = 1024 if not TRITON_INTERPRET else 256
+        _cos_finalize_kernel[(triton.cdiv(n, block),)](
+            part, out, coef, n, eps, SPLIT=split, WRITE_COEF=with_coef, ACC=acc, BLOCK=block, num_warps=4
+        )
     return out, (coef if with_coef else None)
 
 

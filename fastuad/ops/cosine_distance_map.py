@@ -12,12 +12,16 @@ Fused Triton path, two stages:
    forward kernel reads every feature vector exactly once and writes a small float32 map into
    one flat scratch buffer. This read is nearly all of the op's memory traffic and sets its
    speed limit; nothing ever recomputes a channel dot product per output pixel.
-2. **Resize, combine and blur in one pass.** Each program owns a ``TY × TX`` output tile. It
-   evaluates the combined, resized map on the tile plus a halo of radius ``R`` (at reflected
-   coordinates, so scipy's ``reflect`` border costs nothing) in ``CH × CH`` chunks, gathering
-   from the small maps, which stay in cache. The separable blur is two matrix products per
-   chunk with banded Gaussian matrices, ``out = Gv · M_ext · Ghᵀ``, on the tensor cores
-   (3×TF32, fp32-accurate). No full-size intermediate map is written: the output is written once.
+2. **Resize, combine and blur in one pass.** Each program owns a ``TY × TX`` output tile and
+   writes it once; no full-size intermediate map ever reaches memory.
+
+   * ``mean`` and ``sum`` are linear, so resize and blur fold into two small matrices per scale,
+     ``Lv_s = Gv · Uv_s`` (``[H, H_s]``) and ``Lh_s`` (``[W, W_s]``), built once on the host with
+     scipy's ``reflect`` border folded into ``Gv``. A tile is ``Σ_s Lv_s · D_s · Lh_sᵀ``: two
+     small matrix products per scale over the band of the small map ``D_s`` that reaches it.
+   * ``prod`` is not linear: the program evaluates the combined map by gathers on the tile plus
+     a halo of radius ``R`` at reflected coordinates, then blurs it with two banded matrix
+     products (``out = Gv · M_ext · Ghᵀ``).
 
 The CUDA C++ backend (``csrc/cosine_map.cu``) implements the same forward with shared memory.
 Both fused backends are inference-only; with gradients required, ``"auto"`` takes the reference.
@@ -179,7 +183,7 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
-    def _cosmap_stage2_kernel(
+    def _cosmap_gather_kernel(
         dist_ptr, meta_i_ptr, meta_f_ptr, g_ptr, out_ptr,
         OH, OW, R,
         NUM_SCALES: tl.constexpr,
@@ -190,7 +194,11 @@ if HAS_TRITON:
         TX: tl.constexpr,
         CH: tl.constexpr,
     ):
-        """One ``TY × TX`` output tile of one image: resize, combine, blur, write once."""
+        """One ``TY × TX`` output tile of one image: resize, combine, blur, write once.
+
+        The general path (any reduction, ``prod`` included): the combined map is evaluated by
+        gathers on the tile plus its halo, then blurred by banded matrix products.
+        """
         x_start = tl.program_id(0) * TX
         y_start = tl.program_id(1) * TY
         bi = tl.program_id(2).to(tl.int64)
@@ -223,6 +231,67 @@ if HAS_TRITON:
         xx = x_start + ox
         mask = (yy < OH)[:, None] & (xx < OW)[None, :]
         tl.store(out_ptr + bi * OH * OW + yy[:, None] * OW + xx[None, :], acc, mask=mask)
+
+    @triton.jit
+    def _cosmap_linear_kernel(
+        dist_ptr, meta_i_ptr, lv_ptr, lh_ptr, band_ptr, out_ptr,
+        OH, OW, N_TY, N_TX,
+        NUM_SCALES: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        TY: tl.constexpr,
+        TX: tl.constexpr,
+        KC: tl.constexpr,
+    ):
+        """One ``TY × TX`` output tile of a linear (mean/sum) map: ``Σ_s Lv_s · D_s · Lh_sᵀ``.
+
+        ``Lv_s = Gv · Uv_s`` folds the vertical blur (reflect border included) into the bilinear
+        resize matrix, likewise ``Lh_s``; both are built once on the host. Only the band of
+        ``D_s`` that can reach the tile is read (``band_ptr`` holds its row and column range).
+        """
+        pid_x = tl.program_id(0)
+        pid_y = tl.program_id(1)
+        bi = tl.program_id(2).to(tl.int64)
+        oy = pid_y * TY + tl.arange(0, TY)
+        ox = pid_x * TX + tl.arange(0, TX)
+        ymask = oy < OH
+        xmask = ox < OW
+        acc = tl.zeros([TY, TX], tl.float32)
+        for s in tl.static_range(NUM_SCALES):
+            off = tl.load(meta_i_ptr + 5 * s).to(tl.int64)
+            hs = tl.load(meta_i_ptr + 5 * s + 1)
+            ws = tl.load(meta_i_ptr + 5 * s + 2)
+            lv_off = tl.load(meta_i_ptr + 5 * s + 3)
+            lh_off = tl.load(meta_i_ptr + 5 * s + 4)
+            k_lo = tl.load(band_ptr + (s * N_TY + pid_y) * 2)
+            k_hi = tl.load(band_ptr + (s * N_TY + pid_y) * 2 + 1)
+            j_lo = tl.load(band_ptr + NUM_SCALES * N_TY * 2 + (s * N_TX + pid_x) * 2)
+            j_hi = tl.load(band_ptr + NUM_SCALES * N_TY * 2 + (s * N_TX + pid_x) * 2 + 1)
+            base = dist_ptr + off + bi * hs * ws
+            for kc in range(k_lo, k_hi, KC):
+                k = kc + tl.arange(0, KC)
+                kmask = k < k_hi
+                t = tl.zeros([KC, TX], tl.float32)
+                for jc in range(j_lo, j_hi, KC):
+                    j = jc + tl.arange(0, KC)
+                    jmask = j < j_hi
+                    d = tl.load(base + k[:, None] * ws + j[None, :], mask=kmask[:, None] & jmask[None, :], other=0.0)
+                    lh_t = tl.load(lh_ptr + lh_off + ox[None, :] * ws + j[:, None], mask=jmask[:, None] & xmask[None, :], other=0.0)
+                    t = tl.dot(d, lh_t, t, input_precision=DOT_PRECISION)
+                lv = tl.load(lv_ptr + lv_off + oy[:, None] * hs + k[None, :], mask=ymask[:, None] & kmask[None, :], other=0.0)
+                acc = tl.dot(lv, t, acc, input_precision=DOT_PRECISION)
+        tl.store(out_ptr + bi * OH * OW + oy[:, None] * OW + ox[None, :], acc, mask=ymask[:, None] & xmask[None, :])
+
+
+def _dot_precision() -> str:
+    """fp32-accurate products: plain IEEE fp32 (the interpreter ignores the setting)."""
+    return "ieee"
+
+
+def _linear_tiles() -> tuple[int, int, int, int]:
+    """(TY, TX, KC, num_warps) for the linear second stage."""
+    if TRITON_INTERPRET:
+        return 32, 32, 32, 4
+    return 64, 64, 32, 4
 
 
 def _stage2_tiles(blur: bool) -> tuple[int, int, int, int]:
@@ -257,6 +326,75 @@ def gaussian_weights(blur_sigma: float, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(gaussian_kernel1d(blur_sigma), dtype=torch.float32, device=device)
 
 
+def _resize_matrix(out_n: int, in_n: int) -> np.ndarray:
+    """``[out_n, in_n]`` matrix of ``F.interpolate(bilinear, align_corners=False)`` along one axis.
+
+    The source coordinates and weights are computed in float32, as PyTorch computes them.
+    """
+    scale = np.float32(in_n) / np.float32(out_n)
+    dst = np.arange(out_n, dtype=np.float32)
+    src = np.maximum(scale * (dst + np.float32(0.5)) - np.float32(0.5), np.float32(0.0))
+    i0 = src.astype(np.int64)
+    i1 = i0 + (i0 < in_n - 1)
+    l1 = (src - i0.astype(np.float32)).astype(np.float64)
+    m = np.zeros((out_n, in_n))
+    rows = np.arange(out_n)
+    np.add.at(m, (rows, i0), 1.0 - l1)
+    np.add.at(m, (rows, i1), l1)
+    return m
+
+
+def _blur_matrix(n: int, sigma: float) -> np.ndarray:
+    """``[n, n]`` matrix of the 1-D Gaussian filter with scipy's reflect border folded in."""
+    if sigma <= 0:
+        return np.eye(n)
+    g = gaussian_kernel1d(sigma)
+    r = (g.size - 1) // 2
+    m = np.zeros((n, n))
+    rows = np.repeat(np.arange(n), g.size)
+    cols = reflect_index(torch.arange(-r, r + 1).repeat(n) + torch.from_numpy(rows), n).numpy()
+    np.add.at(m, (rows, cols), np.tile(g, n))
+    return m
+
+
+def _band(mat: np.ndarray, tile: int) -> np.ndarray:
+    """Per tile of ``tile`` rows: the [first, last + 1) range of columns with a non-zero entry."""
+    out = []
+    for r0 in range(0, mat.shape[0], tile):
+        nz = np.flatnonzero(mat[r0 : r0 + tile].any(axis=0))
+        out.append((int(nz[0]), int(nz[-1]) + 1) if nz.size else (0, 0))
+    return np.asarray(out, dtype=np.int32)
+
+
+@functools.lru_cache(maxsize=32)
+def _linear_plan(
+    shapes: tuple[tuple[int, ...], ...], size: tuple[int, int], sigma: float, mean: bool, ty: int, tx: int, device: torch.device
+):
+    """Folded resize+blur matrices for every scale, their offsets and band ranges (cached)."""
+    blur_v, blur_h = _blur_matrix(size[0], sigma), _blur_matrix(size[1], sigma)
+    weight = 1.0 / len(shapes) if mean else 1.0
+    lv, lh, meta, bands_v, bands_h = [], [], [], [], []
+    offset = lv_off = lh_off = 0
+    for B, _, h, w in shapes:
+        mv = weight * (blur_v @ _resize_matrix(size[0], h))
+        mh = blur_h @ _resize_matrix(size[1], w)
+        lv.append(mv.astype(np.float32).ravel())
+        lh.append(mh.astype(np.float32).ravel())
+        bands_v.append(_band(mv, ty))
+        bands_h.append(_band(mh, tx))
+        meta.append((offset, h, w, lv_off, lh_off))
+        offset += B * h * w
+        lv_off += mv.size
+        lh_off += mh.size
+    band = np.concatenate([np.concatenate(bands_v).ravel(), np.concatenate(bands_h).ravel()])
+    return (
+        torch.from_numpy(np.concatenate(lv)).to(device),
+        torch.from_numpy(np.concatenate(lh)).to(device),
+        torch.tensor(meta, dtype=torch.int32, device=device),
+        torch.from_numpy(band).to(device),
+    )
+
+
 def cosine_distance_map_triton(
     feats_a: Sequence[torch.Tensor],
     feats_b: Sequence[torch.Tensor],
@@ -272,17 +410,27 @@ def cosine_distance_map_triton(
     for off, a, b in zip(offsets, feats_a, feats_b):
         B, _, h, w = a.shape
         cosine_distance_triton_forward(a, b, EPS, out=dist[off : off + B * h * w].view(B, h, w))
+    out = torch.empty((B, 1, size[0], size[1]), device=device, dtype=torch.float32)
+    shapes = tuple(tuple(a.shape) for a in feats_a)
+    if reduction != "prod":
+        ty, tx, kc, warps = _linear_tiles()
+        lv, lh, meta, band = _linear_plan(shapes, size, float(blur_sigma), reduction == "mean", ty, tx, device)
+        n_ty, n_tx = triton.cdiv(size[0], ty), triton.cdiv(size[1], tx)
+        _cosmap_linear_kernel[(n_tx, n_ty, B)](
+            dist, meta, lv, lh, band, out, size[0], size[1], n_ty, n_tx,
+            NUM_SCALES=len(feats_a), DOT_PRECISION=_dot_precision(), TY=ty, TX=tx, KC=kc, num_warps=warps,
+        )
+        return out
     blur = blur_sigma > 0
     if blur and gauss is None:
         gauss = gaussian_weights(blur_sigma, device)
     radius = (gauss.numel() - 1) // 2 if blur else 0
-    out = torch.empty((B, 1, size[0], size[1]), device=device, dtype=torch.float32)
     ty, tx, ch, warps = _stage2_tiles(blur)
     grid = (triton.cdiv(size[1], tx), triton.cdiv(size[0], ty), B)
-    _cosmap_stage2_kernel[grid](
+    _cosmap_gather_kernel[grid](
         dist, meta_i, meta_f, gauss if blur else dist, out, size[0], size[1], radius,
         NUM_SCALES=len(feats_a), REDUCTION=REDUCTIONS.index(reduction), BLUR=blur,
-        DOT_PRECISION="ieee" if TRITON_INTERPRET else "tf32x3", TY=ty, TX=tx, CH=ch, num_warps=warps,
+        DOT_PRECISION=_dot_precision(), TY=ty, TX=tx, CH=ch, num_warps=warps,
     )
     return out
 
