@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from fastuad.ops._dispatch import check_backend_name
-from fastuad.ops.cosine_distance import cosine_distance
-from fastuad.ops.cosine_distance_map import REDUCTIONS, cosine_distance_map, gaussian_kernel1d
+from fastuad.ops.cosdist import cosine_distance
+from fastuad.ops.cosmap import REDUCTIONS, cosine_distance_map, gaussian_kernel1d
 
 
 class CosineDistanceMap(nn.Module):
@@ -17,7 +17,7 @@ class CosineDistanceMap(nn.Module):
 
     The Gaussian weights are built once and kept as a (non-persistent) buffer, so they follow
     ``.to(device)`` and no call pays a host-to-device copy. See
-    :func:`fastuad.ops.cosine_distance_map` for the semantics.
+    :func:`fastuad.ops.cosmap` for the semantics.
     """
 
     def __init__(

@@ -4,8 +4,8 @@ Every op takes ``backend="auto" | "torch" | "triton" | "cuda"``; see :mod:`fastu
 """
 
 from fastuad.ops._dispatch import BACKENDS, BackendUnavailableError
-from fastuad.ops.cosine_distance import cosine_distance, cosine_distance_reference
-from fastuad.ops.cosine_distance_map import (
+from fastuad.ops.cosdist import cosine_distance, cosine_distance_reference
+from fastuad.ops.cosmap import (
     cosine_distance_map,
     cosine_distance_map_reference,
     gaussian_blur_reference,

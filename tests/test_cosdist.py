@@ -118,7 +118,7 @@ def test_cuda_backend_is_not_offered_for_cosine_distance():
 @pytest.mark.parametrize("split", [1, 2, 3, 7])
 def test_triton_channel_split_forward_and_backward(split):
     """Small grids split the channel loop across programs; every split count gives the same answer."""
-    from fastuad.ops.cosine_distance import cosine_distance_triton_forward
+    from fastuad.ops.cosdist import cosine_distance_triton_forward
 
     a, b = _pair((2, 150, 3, 5), torch.float32, TRITON_DEVICE, seed=4)
     d, coef = cosine_distance_triton_forward(a, b, 1e-8, with_coef=True, split=split)

@@ -14,7 +14,7 @@ from fastuad.ops import (
     gaussian_blur_reference,
     gaussian_kernel1d,
 )
-from fastuad.ops.cosine_distance_map import COSINE_DISTANCE_MAP_BACKENDS, reflect_index
+from fastuad.ops.cosmap import COSINE_DISTANCE_MAP_BACKENDS, reflect_index
 
 # Three scales at strides 1, 2, 4 of an 16x16 grid, channel counts off the block sizes.
 SCALES = [(8, 16, 16), (20, 8, 8), (33, 4, 4)]

@@ -203,41 +203,55 @@ def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division on the host (``triton.cdiv`` is a JIT function: slow to call from Python)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
 @functools.lru_cache(maxsize=8)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # the interpreter: any plausible GPU size
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def pixel_blocks(num_images: int, hw: int, channels: int) -> tuple[int, int, int]:
+def pixel_blocks(num_images: int, hw: int, channels: int, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_P, BLOCK_C, num_warps) for a per-pixel channel reduction.
 
-    Wide pixel blocks give long coalesced rows; narrow ones give more programs. The GPU wants
-    a few programs per multiprocessor, so the block narrows until the grid is large enough.
-    The interpreter wants few, large blocks.
+    Chosen from an H100 sweep (``benchmarks/sweep_cosmap.py``) over the cosmap scales: 32-pixel
+    rows win at every size; grids of many programs want short channel chunks and 4 warps,
+    grids of a few programs per multiprocessor want 32-channel chunks, and 8 warps when the
+    grid has fewer than four programs per multiprocessor. The interpreter wants few, large blocks.
     """
     if TRITON_INTERPRET:
         return 64, 16, 4
-    block_c = 16 if channels >= 16 else max(1, triton.next_power_of_2(channels))
-    for block_p in (128, 64, 32):
-        if num_images * triton.cdiv(hw, block_p) >= 4 * 132:
-            break
-    return block_p, block_c, 4
+    block_p = min(32, next_power_of_2(hw))
+    programs = num_images * cdiv(hw, block_p)
+    sms = _num_sms(device)
+    block_c, warps = (16, 4) if programs >= 16 * sms else (32, 4) if programs >= 4 * sms else (32, 8)
+    return block_p, min(block_c, next_power_of_2(channels)), warps
 
 
 def channel_splits(programs: int, channels: int, block_c: int, device: torch.device) -> int:
-    """How many programs share one pixel block's channels, so that small grids still fill the GPU.
+    """How many programs share one pixel block's channels, for grids far too small for the GPU.
 
-    Each split keeps at least four channel chunks; at most 16 splits. Under the interpreter the
-    split path is taken whenever there are enough channels, so the CPU tests cover it.
+    On the H100 sweep splitting never paid for grids of two or more programs per multiprocessor
+    (the extra partial-sum traffic and launch cost more than the parallelism gains), so it is
+    kept for grids under half a program per multiprocessor (one image, a small map). Each split
+    keeps at least four channel chunks; at most 16 splits. Under the interpreter the split path
+    is taken whenever there are enough channels, so the CPU tests cover it.
     """
     if TRITON_INTERPRET:
         return 2 if channels >= 8 * block_c else 1
-    if device.type != "cuda":
+    sms = _num_sms(device)
+    if 2 * programs >= sms:
         return 1
-    target = 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    if programs >= target:
-        return 1
-    return max(1, min(16, triton.cdiv(target, programs), channels // (4 * block_c)))
+    return max(1, min(16, cdiv(sms, programs), channels // (4 * block_c)))
 
 
 def cosine_distance_triton_forward(
@@ -257,12 +271,12 @@ def cosine_distance_triton_forward(
     if out is None:
         out = torch.empty((B, H, W), device=a.device, dtype=dt)
     coef = torch.empty((3, B, H, W), device=a.device, dtype=dt) if with_coef else out
-    block_p, block_c, warps = pixel_blocks(B, H * W, C)
-    n_pblocks = triton.cdiv(H * W, block_p)
+    block_p, block_c, warps = pixel_blocks(B, H * W, C, a.device)
+    n_pblocks = cdiv(H * W, block_p)
     if split is None:
         split = channel_splits(n_pblocks * B, C, block_c, a.device)
-    c_per_split = triton.cdiv(triton.cdiv(C, split), block_c) * block_c
-    split = triton.cdiv(C, c_per_split)
+    c_per_split = cdiv(cdiv(C, split), block_c) * block_c
+    split = cdiv(C, c_per_split)
     acc = _acc_dtype(a.dtype)
     part = out if split == 1 else torch.empty((split, 3, B * H * W), device=a.device, dtype=dt)
     _cos_fwd_kernel[(n_pblocks, B, split)](
@@ -272,7 +286,7 @@ def cosine_distance_triton_forward(
     if split > 1:
         n = B * H * W
         block = 1024 if not TRITON_INTERPRET else 256
-        _cos_finalize_kernel[(triton.cdiv(n, block),)](
+        _cos_finalize_kernel[(cdiv(n, block),)](
             part, out, coef, n, eps, SPLIT=split, WRITE_COEF=with_coef, ACC=acc, BLOCK=block, num_warps=4
         )
     return out, (coef if with_coef else None)
@@ -285,8 +299,8 @@ def cosine_distance_triton_backward(
     grad = grad.contiguous()
     ga = torch.empty((B, C, H, W), device=a.device, dtype=a.dtype) if need_a else None
     gb = torch.empty((B, C, H, W), device=b.device, dtype=b.dtype) if need_b else None
-    block_p, block_c, warps = pixel_blocks(B, H * W, C)
-    grid = (triton.cdiv(H * W, block_p), B)
+    block_p, block_c, warps = pixel_blocks(B, H * W, C, a.device)
+    grid = (cdiv(H * W, block_p), B)
     _cos_bwd_kernel[grid](
         a, b, grad, coef, ga if need_a else grad, gb if need_b else grad, C, H, W, *a.stride(), *b.stride(),
         NEED_GA=need_a, NEED_GB=need_b, ACC=_acc_dtype(a.dtype), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps,

@@ -8,7 +8,7 @@ mode="reflect", truncate=4.0)``.
 
 Fused Triton path, two stages:
 
-1. **Distances at native resolution.** For each scale, :mod:`fastuad.ops.cosine_distance`'s
+1. **Distances at native resolution.** For each scale, :mod:`fastuad.ops.cosdist`'s
    forward kernel reads every feature vector exactly once and writes a small float32 map into
    one flat scratch buffer. This read is nearly all of the op's memory traffic and sets its
    speed limit; nothing ever recomputes a channel dot product per output pixel.
@@ -47,7 +47,7 @@ from fastuad.ops._dispatch import (
     triton_reasons,
 )
 from fastuad.ops._validate import FLOAT_DTYPES, check_positive_float, check_same, check_tensor, out_dtype
-from fastuad.ops.cosine_distance import cosine_distance_reference, cosine_distance_triton_forward
+from fastuad.ops.cosdist import cdiv, cosine_distance_reference, cosine_distance_triton_forward
 
 if HAS_TRITON:
     import triton
@@ -282,9 +282,20 @@ if HAS_TRITON:
         tl.store(out_ptr + bi * OH * OW + oy[:, None] * OW + ox[None, :], acc, mask=ymask[:, None] & xmask[None, :])
 
 
-def _dot_precision() -> str:
-    """fp32-accurate products: plain IEEE fp32 (the interpreter ignores the setting)."""
-    return "ieee"
+def _dot_precision(device: torch.device) -> str:
+    """fp32-accurate matrix products.
+
+    3xTF32 (tensor cores, error ~2e-6 here) where the GPU has TF32 (sm_80+): 1.5x faster than
+    IEEE fp32 products in the H100 sweep. The interpreter computes in fp32 whatever is asked.
+    """
+    if TRITON_INTERPRET or device.type != "cuda":
+        return "ieee"
+    return "tf32x3" if _capability(device) >= (8, 0) else "ieee"
+
+
+@functools.lru_cache(maxsize=8)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
 
 def _linear_tiles() -> tuple[int, int, int, int]:
@@ -415,10 +426,10 @@ def cosine_distance_map_triton(
     if reduction != "prod":
         ty, tx, kc, warps = _linear_tiles()
         lv, lh, meta, band = _linear_plan(shapes, size, float(blur_sigma), reduction == "mean", ty, tx, device)
-        n_ty, n_tx = triton.cdiv(size[0], ty), triton.cdiv(size[1], tx)
+        n_ty, n_tx = cdiv(size[0], ty), cdiv(size[1], tx)
         _cosmap_linear_kernel[(n_tx, n_ty, B)](
             dist, meta, lv, lh, band, out, size[0], size[1], n_ty, n_tx,
-            NUM_SCALES=len(feats_a), DOT_PRECISION=_dot_precision(), TY=ty, TX=tx, KC=kc, num_warps=warps,
+            NUM_SCALES=len(feats_a), DOT_PRECISION=_dot_precision(device), TY=ty, TX=tx, KC=kc, num_warps=warps,
         )
         return out
     blur = blur_sigma > 0
@@ -426,11 +437,11 @@ def cosine_distance_map_triton(
         gauss = gaussian_weights(blur_sigma, device)
     radius = (gauss.numel() - 1) // 2 if blur else 0
     ty, tx, ch, warps = _stage2_tiles(blur)
-    grid = (triton.cdiv(size[1], tx), triton.cdiv(size[0], ty), B)
+    grid = (cdiv(size[1], tx), cdiv(size[0], ty), B)
     _cosmap_gather_kernel[grid](
         dist, meta_i, meta_f, gauss if blur else dist, out, size[0], size[1], radius,
         NUM_SCALES=len(feats_a), REDUCTION=REDUCTIONS.index(reduction), BLUR=blur,
-        DOT_PRECISION=_dot_precision(), TY=ty, TX=tx, CH=ch, num_warps=warps,
+        DOT_PRECISION=_dot_precision(device), TY=ty, TX=tx, CH=ch, num_warps=warps,
     )
     return out
 
