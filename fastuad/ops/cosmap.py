@@ -416,13 +416,13 @@ def cosine_distance_map_triton(
 ) -> torch.Tensor:
     """Two-stage fused forward (see the module docstring). ``gauss`` may be passed pre-built."""
     device = feats_a[0].device
-    meta_i, meta_f, offsets, total = _scale_meta(tuple(tuple(a.shape) for a in feats_a), size, device)
+    shapes = tuple(tuple(a.shape) for a in feats_a)
+    meta_i, meta_f, offsets, total = _scale_meta(shapes, size, device)
     dist = torch.empty(total, device=device, dtype=torch.float32)
     for off, a, b in zip(offsets, feats_a, feats_b):
         B, _, h, w = a.shape
         cosine_distance_triton_forward(a, b, EPS, out=dist[off : off + B * h * w].view(B, h, w))
     out = torch.empty((B, 1, size[0], size[1]), device=device, dtype=torch.float32)
-    shapes = tuple(tuple(a.shape) for a in feats_a)
     if reduction != "prod":
         ty, tx, kc, warps = _linear_tiles()
         lv, lh, meta, band = _linear_plan(shapes, size, float(blur_sigma), reduction == "mean", ty, tx, device)
