@@ -14,7 +14,8 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from fastuad.ops.cosdist import _acc_dtype, _cos_fwd_kernel, cosine_distance_reference, cosine_distance_triton_forward
+from fastuad.ops._launch import acc_dtype
+from fastuad.ops.cosdist import _cos_fwd_kernel, cosine_distance_reference, cosine_distance_triton_forward
 from fastuad.ops.cosmap import (
     EPS,
     REDUCTIONS,
@@ -47,7 +48,7 @@ def sweep_stage1(dtype: torch.dtype) -> None:
 
             def run():
                 _cos_fwd_kernel[grid](a, b, out, out, c, h, w, c, *a.stride(), *b.stride(), EPS,
-                                      SPLIT=1, WRITE_COEF=False, ACC=_acc_dtype(dtype), BLOCK_C=bc, BLOCK_P=bp, num_warps=nw)
+                                      SPLIT=1, WRITE_COEF=False, ACC=acc_dtype(dtype), BLOCK_C=bc, BLOCK_P=bp, num_warps=nw)
 
             run()
             torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)

@@ -18,8 +18,6 @@ Where a norm is clamped the backward treats it as the constant ``eps``.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -32,6 +30,7 @@ from fastuad.ops._dispatch import (
     triton_dtypes,
     triton_reasons,
 )
+from fastuad.ops._launch import acc_dtype, cdiv, next_power_of_2, num_sms
 from fastuad.ops._validate import FLOAT_DTYPES, check_positive_float, check_same, check_tensor, out_dtype
 
 if HAS_TRITON:
@@ -199,26 +198,6 @@ if HAS_TRITON:
                 tl.store(gb_ptr + o, gb.to(gb_ptr.dtype.element_ty), mask=m)
 
 
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def cdiv(a: int, b: int) -> int:
-    """Ceiling division on the host (``triton.cdiv`` is a JIT function: slow to call from Python)."""
-    return -(-a // b)
-
-
-def next_power_of_2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-@functools.lru_cache(maxsize=8)
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132  # the interpreter: any plausible GPU size
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
 
 def pixel_blocks(num_images: int, hw: int, channels: int, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_P, BLOCK_C, num_warps) for a per-pixel channel reduction.
@@ -232,7 +211,7 @@ def pixel_blocks(num_images: int, hw: int, channels: int, device: torch.device) 
         return 64, 16, 4
     block_p = min(32, next_power_of_2(hw))
     programs = num_images * cdiv(hw, block_p)
-    sms = _num_sms(device)
+    sms = num_sms(device)
     block_c, warps = (16, 4) if programs >= 16 * sms else (32, 4) if programs >= 4 * sms else (32, 8)
     return block_p, min(block_c, next_power_of_2(channels)), warps
 
@@ -248,7 +227,7 @@ def channel_splits(programs: int, channels: int, block_c: int, device: torch.dev
     """
     if TRITON_INTERPRET:
         return 2 if channels >= 8 * block_c else 1
-    sms = _num_sms(device)
+    sms = num_sms(device)
     if 2 * programs >= sms:
         return 1
     return max(1, min(16, cdiv(sms, programs), channels // (4 * block_c)))
@@ -277,7 +256,7 @@ def cosine_distance_triton_forward(
         split = channel_splits(n_pblocks * B, C, block_c, a.device)
     c_per_split = cdiv(cdiv(C, split), block_c) * block_c
     split = cdiv(C, c_per_split)
-    acc = _acc_dtype(a.dtype)
+    acc = acc_dtype(a.dtype)
     part = out if split == 1 else torch.empty((split, 3, B * H * W), device=a.device, dtype=dt)
     _cos_fwd_kernel[(n_pblocks, B, split)](
         a, b, part, coef, C, H, W, c_per_split, *a.stride(), *b.stride(), eps,
@@ -303,7 +282,7 @@ def cosine_distance_triton_backward(
     grid = (cdiv(H * W, block_p), B)
     _cos_bwd_kernel[grid](
         a, b, grad, coef, ga if need_a else grad, gb if need_b else grad, C, H, W, *a.stride(), *b.stride(),
-        NEED_GA=need_a, NEED_GB=need_b, ACC=_acc_dtype(a.dtype), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps,
+        NEED_GA=need_a, NEED_GB=need_b, ACC=acc_dtype(a.dtype), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps,
     )
     return ga, gb
 

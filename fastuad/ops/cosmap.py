@@ -46,8 +46,9 @@ from fastuad.ops._dispatch import (
     triton_dtypes,
     triton_reasons,
 )
+from fastuad.ops._launch import cdiv, dot_precision
 from fastuad.ops._validate import FLOAT_DTYPES, check_positive_float, check_same, check_tensor, out_dtype
-from fastuad.ops.cosdist import cdiv, cosine_distance_reference, cosine_distance_triton_forward
+from fastuad.ops.cosdist import cosine_distance_reference, cosine_distance_triton_forward
 
 if HAS_TRITON:
     import triton
@@ -282,22 +283,6 @@ if HAS_TRITON:
         tl.store(out_ptr + bi * OH * OW + oy[:, None] * OW + ox[None, :], acc, mask=ymask[:, None] & xmask[None, :])
 
 
-def _dot_precision(device: torch.device) -> str:
-    """fp32-accurate matrix products.
-
-    3xTF32 (tensor cores, error ~2e-6 here) where the GPU has TF32 (sm_80+): 1.5x faster than
-    IEEE fp32 products in the H100 sweep. The interpreter computes in fp32 whatever is asked.
-    """
-    if TRITON_INTERPRET or device.type != "cuda":
-        return "ieee"
-    return "tf32x3" if _capability(device) >= (8, 0) else "ieee"
-
-
-@functools.lru_cache(maxsize=8)
-def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
-
-
 def _linear_tiles() -> tuple[int, int, int, int]:
     """(TY, TX, KC, num_warps) for the linear second stage."""
     if TRITON_INTERPRET:
@@ -429,7 +414,7 @@ def cosine_distance_map_triton(
         n_ty, n_tx = cdiv(size[0], ty), cdiv(size[1], tx)
         _cosmap_linear_kernel[(n_tx, n_ty, B)](
             dist, meta, lv, lh, band, out, size[0], size[1], n_ty, n_tx,
-            NUM_SCALES=len(feats_a), DOT_PRECISION=_dot_precision(device), TY=ty, TX=tx, KC=kc, num_warps=warps,
+            NUM_SCALES=len(feats_a), DOT_PRECISION=dot_precision(device), TY=ty, TX=tx, KC=kc, num_warps=warps,
         )
         return out
     blur = blur_sigma > 0
@@ -441,7 +426,7 @@ def cosine_distance_map_triton(
     _cosmap_gather_kernel[grid](
         dist, meta_i, meta_f, gauss if blur else dist, out, size[0], size[1], radius,
         NUM_SCALES=len(feats_a), REDUCTION=REDUCTIONS.index(reduction), BLUR=blur,
-        DOT_PRECISION=_dot_precision(device), TY=ty, TX=tx, CH=ch, num_warps=warps,
+        DOT_PRECISION=dot_precision(device), TY=ty, TX=tx, CH=ch, num_warps=warps,
     )
     return out
 
