@@ -1,5 +1,6 @@
 """Layers built on :mod:`fastuad.ops`, as the models use them."""
 
 from fastuad.nn.cosine import CosineDistanceLoss, CosineDistanceMap
+from fastuad.nn.memory import MemoryBank, MemoryModule, k_center_greedy
 
-__all__ = ["CosineDistanceLoss", "CosineDistanceMap"]
+__all__ = ["CosineDistanceLoss", "CosineDistanceMap", "MemoryBank", "MemoryModule", "k_center_greedy"]

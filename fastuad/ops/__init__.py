@@ -11,6 +11,8 @@ from fastuad.ops.cosmap import (
     gaussian_blur_reference,
     gaussian_kernel1d,
 )
+from fastuad.ops.knn_search import knn, knn_reference
+from fastuad.ops.memory import memory_entropy_loss, memory_read, memory_read_reference
 
 __all__ = [
     "BACKENDS",
@@ -21,4 +23,9 @@ __all__ = [
     "cosine_distance_map_reference",
     "gaussian_blur_reference",
     "gaussian_kernel1d",
+    "knn",
+    "knn_reference",
+    "memory_entropy_loss",
+    "memory_read",
+    "memory_read_reference",
 ]

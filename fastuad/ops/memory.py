@@ -1,0 +1,644 @@
+"""Soft memory read (MemAE addressing) with hard shrinkage and class-aware banks.
+
+``memory_read(query, memory)`` addresses a bank of ``M`` slots with each of ``N`` queries:
+logits ``cos(q, m_i)/T`` (or ``q·m_i/T``), ``w = softmax(logits)``, optional MemAE hard shrinkage
+``w = relu(w-λ)·w/(|w-λ|+1e-12)`` followed by L1 renormalisation ``w / max(sum(w), 1e-12)``,
+and the read ``w @ M``. DualAD's memory MLP, MDD-Net's class-aware memory and DM-GRD's dual
+memories all use it. One module holds the reference, the Triton kernels, autograd and dispatch.
+
+Triton path. A program owns a block of queries of one class and streams that class's bank in
+tiles of ``BLOCK_M`` slots (full feature width in registers):
+
+* forward: pass 1 computes the logits with ``tl.dot`` and keeps an online max / sum (the
+  softmax statistics). Without shrinkage and without ``return_weights`` it also accumulates
+  ``p @ M`` flash-style and stops there. Otherwise pass 2 recomputes the logits, forms the final
+  softmax, shrinks it, and accumulates ``sum(w)`` and ``w @ M`` (then divides): two passes at
+  most. ``w [N, M]`` is written only when asked for. Per query it saves ``logsumexp`` and
+  ``sum(shrunk w)``: ``O(N)``, never ``N×M``.
+* backward: the query gradient kernel recomputes the weights tile by tile (one extra pass for
+  the row sum ``Σ p·dp`` that the softmax backward needs when shrinkage is on), and a second
+  kernel owns one tile of memory slots and loops over the queries of its class, so the memory
+  gradient is accumulated without atomics: deterministic. When there are too few memory tiles
+  to fill the GPU the query loop is split across programs and the partial sums are added in a
+  fixed order.
+
+Class-aware banks ``[K, M, D]``: queries are sorted by class on the device (no host sync apart
+from the range check of ``class_index``), and the kernels read them through that permutation,
+so every block holds one class and no gather or scatter copy of the features is made.
+
+Cosine similarity normalises rows as ``F.normalize(x, dim=-1, eps=1e-8)`` does (norms clamped
+below at ``1e-8``; where clamped, the backward treats the norm as that constant).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastuad.ops._dispatch import (
+    HAS_TRITON,
+    TRITON_INTERPRET,
+    Backend,
+    select_backend,
+    triton_devices,
+    triton_dtypes,
+    triton_reasons,
+)
+from fastuad.ops._launch import acc_dtype, cdiv, dot_precision, next_power_of_2, num_sms
+from fastuad.ops._validate import FLOAT_DTYPES, check_positive_float, check_tensor, out_dtype
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+
+__all__ = [
+    "memory_read",
+    "memory_read_reference",
+    "memory_entropy_loss",
+    "hard_shrink_relu",
+    "MEMORY_READ_BACKENDS",
+    "SIMILARITIES",
+]
+
+SIMILARITIES = ("cosine", "dot")
+NORM_EPS = 1e-8  # row-norm clamp of the cosine similarity
+SHRINK_EPS = 1e-12  # MemAE's epsilon in the shrinkage and the renormalisation
+MAX_FEATURE_DIM = 1024  # the Triton kernels keep a full feature row in registers
+
+
+# --------------------------------------------------------------------------------------------
+# Reference
+# --------------------------------------------------------------------------------------------
+
+
+def hard_shrink_relu(w: torch.Tensor, threshold: float) -> torch.Tensor:
+    """MemAE hard shrinkage: ``relu(w - λ) · w / (|w - λ| + 1e-12)`` (≈ ``w`` above λ, 0 below)."""
+    return F.relu(w - threshold) * w / (torch.abs(w - threshold) + SHRINK_EPS)
+
+
+def memory_read_reference(
+    query: torch.Tensor,
+    memory: torch.Tensor,
+    class_index: torch.Tensor | None = None,
+    similarity: str = "cosine",
+    temperature: float = 1.0,
+    shrink_threshold: float = 0.0,
+    return_weights: bool = False,
+):
+    """Plain PyTorch :func:`memory_read`, computed in float32 (float64 stays float64).
+
+    A class-aware bank ``[K, M, D]`` is read as one ``[K·M, D]`` bank: each query's logits are
+    gathered from its class's ``M`` columns and its weights scattered back (``K×`` the work,
+    no data-dependent shapes, so ``torch.compile`` takes it whole).
+    """
+    dt = out_dtype(query.dtype)
+    q = query.to(dt)
+    mem = memory.to(dt)
+    if similarity == "cosine":
+        q = F.normalize(q, dim=-1, eps=NORM_EPS)
+        keys = F.normalize(mem, dim=-1, eps=NORM_EPS)
+    else:
+        keys = mem
+    n, d = q.shape
+    if mem.dim() == 2:
+        w = torch.softmax((q @ keys.t()) / temperature, dim=-1)
+    else:
+        k, m, _ = mem.shape
+        cols = class_index.view(n, 1) * m + torch.arange(m, device=q.device).view(1, m)
+        logits = (q @ keys.reshape(k * m, d).t()).gather(1, cols) / temperature
+        w = torch.softmax(logits, dim=-1)
+    if shrink_threshold > 0:
+        w = hard_shrink_relu(w, shrink_threshold)
+        w = w / w.sum(dim=-1, keepdim=True).clamp_min(SHRINK_EPS)
+    if mem.dim() == 2:
+        out = w @ mem
+    else:
+        spread = torch.zeros((n, k * m), device=q.device, dtype=dt).scatter(1, cols, w)
+        out = spread @ mem.reshape(k * m, d)
+    return (out, w) if return_weights else out
+
+
+def memory_entropy_loss(weights: torch.Tensor, eps: float = SHRINK_EPS) -> torch.Tensor:
+    """MemAE's entropy loss on addressing weights ``[..., M]``: mean over rows of ``-Σ w·log(w+eps)``.
+
+    Minimising it makes the addressing sparse (each query reads few slots).
+    """
+    check_tensor("weights", weights)
+    if weights.dim() < 1 or weights.shape[-1] == 0:
+        raise ValueError(f"weights must have a non-empty last dimension [..., M], got shape {tuple(weights.shape)}")
+    return -(weights * torch.log(weights + eps)).sum(dim=-1).mean()
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _query_block(pid, blk_ptr, rows_ptr, N, G, CLASSED: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Rows (original query indices) of query block ``pid``, their validity, and their class.
+
+        Classed: the block table ``blk [3, G]`` holds start, end (positions in the class-sorted
+        order) and class; ``rows`` maps sorted positions to query rows.
+        """
+        if CLASSED:
+            start = tl.load(blk_ptr + pid)
+            end = tl.load(blk_ptr + G + pid)
+            cls = tl.load(blk_ptr + 2 * G + pid)
+            pos = start + tl.arange(0, BLOCK_N)
+            valid = pos < end
+            rows = tl.load(rows_ptr + pos, mask=valid, other=0)
+        else:
+            rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+            valid = rows < N
+            cls = 0
+        return rows, valid, cls
+
+    @triton.jit
+    def _row_scale(x, inv_t, COSINE: tl.constexpr, ACC: tl.constexpr):
+        """Per-row logit scale (``1/(max(|x|, eps)·T)`` or ``1/T``) and whether the norm is unclamped."""
+        xf = x.to(ACC)
+        nrm = tl.sqrt(tl.sum(xf * xf, axis=1))
+        if COSINE:
+            return inv_t / tl.maximum(nrm, 1e-8), nrm > 1e-8
+        return tl.zeros_like(nrm) + inv_t, nrm > 1e-8
+
+    @triton.jit
+    def _memory_tile(m_base, c_base, m0, d, dmask, M, sm_m, sm_d, BLOCK_M: tl.constexpr):
+        """Slots ``j = m0 .. m0+BLOCK_M`` of a bank: indices, validity, rows and inverse norms."""
+        j = m0 + tl.arange(0, BLOCK_M)
+        jmask = j < M
+        mt = tl.load(m_base + j[:, None] * sm_m + d[None, :] * sm_d, mask=jmask[:, None] & dmask[None, :], other=0.0)
+        c = tl.load(c_base + j, mask=jmask, other=0.0)
+        return j, jmask, mt, c
+
+    @triton.jit
+    def _logits(q, mt, a, c, jmask, DOT_PRECISION: tl.constexpr):
+        """``[BN, BM]`` logits of a query block against a memory tile; ``-inf`` on padded slots."""
+        s = tl.dot(q, tl.trans(mt), input_precision=DOT_PRECISION) * a[:, None] * c[None, :]
+        return tl.where(jmask[None, :], s, float("-inf"))
+
+    @triton.jit
+    def _shrink(p, lam):
+        return tl.maximum(p - lam, 0.0) * p / (tl.abs(p - lam) + 1e-12)
+
+    @triton.jit
+    def _shrink_grad(p, lam):
+        """Derivative of :func:`_shrink` in ``p``, as autograd takes it (0 at and below λ)."""
+        inv = 1.0 / (tl.abs(p - lam) + 1e-12)
+        return tl.where(p > lam, inv * (2.0 * p - lam) - (p - lam) * p * inv * inv, 0.0)
+
+    @triton.jit
+    def _grad_w(g, mt_acc, gw_ptr, rows, valid, j, jmask, M, HAS_GW: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """Gradient of the loss in the weights of a tile: ``g·m_j`` plus, when the returned
+        weights are themselves used (an entropy loss), their incoming gradient."""
+        gw = tl.dot(g, tl.trans(mt_acc), input_precision=DOT_PRECISION)
+        if HAS_GW:
+            gw += tl.load(gw_ptr + rows[:, None] * M + j[None, :], mask=valid[:, None] & jmask[None, :], other=0.0)
+        return gw
+
+    @triton.jit
+    def _weight_grads(p, gw, gdo, ssum, R, lam, SHRINK: tl.constexpr):
+        """Final weights ``w`` and the logit gradient ``ds`` of a tile, from the softmax ``p``.
+
+        ``gw = g·m_j`` (gradient of the loss in ``w``), ``gdo = g·out``, ``ssum`` the row sum of
+        the shrunk weights and ``R = Σ_j p_j·dp_j`` (the softmax backward's row sum).
+        """
+        if SHRINK:
+            den = tl.maximum(ssum, 1e-12)
+            w = _shrink(p, lam) / den[:, None]
+            dh = tl.where((ssum > 1e-12)[:, None], gw - gdo[:, None], gw) / den[:, None]
+            dp = dh * _shrink_grad(p, lam)
+        else:
+            w = p
+            dp = gw
+        return w, p * (dp - R[:, None]), dp
+
+    @triton.jit
+    def _memread_fwd_kernel(
+        q_ptr, m_ptr, minv_ptr, blk_ptr, rows_ptr, out_ptr, w_ptr, stat_ptr,
+        N, M, D, G, inv_t, lam,
+        sq_n, sq_d, sm_k, sm_m, sm_d,
+        COSINE: tl.constexpr, SHRINK: tl.constexpr, WRITE_W: tl.constexpr, CLASSED: tl.constexpr,
+        ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        rows, valid, cls = _query_block(pid, blk_ptr, rows_ptr, N, G, CLASSED, BLOCK_N)
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < D
+        q = tl.load(q_ptr + rows[:, None] * sq_n + d[None, :] * sq_d, mask=valid[:, None] & dmask[None, :], other=0.0)
+        a, _ = _row_scale(q, inv_t, COSINE, ACC)
+        m_base = m_ptr + cls * sm_k
+        c_base = minv_ptr + cls * M
+        mx = tl.full([BLOCK_N], float("-inf"), ACC)
+        l_sum = tl.zeros([BLOCK_N], ACC)
+        acc = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+        TWO_PASS: tl.constexpr = SHRINK or WRITE_W
+        for m0 in range(0, M, BLOCK_M):
+            j, jmask, mt, c = _memory_tile(m_base, c_base, m0, d, dmask, M, sm_m, sm_d, BLOCK_M)
+            s = _logits(q, mt, a, c, jmask, DOT_PRECISION)
+            new_mx = tl.maximum(mx, tl.max(s, axis=1))
+            alpha = tl.exp(mx - new_mx)
+            p = tl.exp(s - new_mx[:, None])
+            l_sum = l_sum * alpha + tl.sum(p, axis=1)
+            if not TWO_PASS:
+                acc = acc * alpha[:, None] + tl.dot(p, mt.to(ACC), input_precision=DOT_PRECISION)
+            mx = new_mx
+        lse = mx + tl.log(l_sum)
+        ssum = tl.zeros([BLOCK_N], ACC) + 1.0
+        if TWO_PASS:
+            ssum = tl.zeros([BLOCK_N], ACC)
+            for m0 in range(0, M, BLOCK_M):
+                j, jmask, mt, c = _memory_tile(m_base, c_base, m0, d, dmask, M, sm_m, sm_d, BLOCK_M)
+                w = tl.exp(_logits(q, mt, a, c, jmask, DOT_PRECISION) - lse[:, None])
+                if SHRINK:
+                    w = _shrink(w, lam)
+                ssum += tl.sum(w, axis=1)
+                acc += tl.dot(w, mt.to(ACC), input_precision=DOT_PRECISION)
+                if WRITE_W:  # unnormalised when shrinking: the host divides by the saved sums
+                    tl.store(w_ptr + rows[:, None] * M + j[None, :], w, mask=valid[:, None] & jmask[None, :])
+            acc = acc / tl.maximum(ssum, 1e-12)[:, None]
+        else:
+            acc = acc / l_sum[:, None]
+        tl.store(out_ptr + rows[:, None] * D + d[None, :], acc, mask=valid[:, None] & dmask[None, :])
+        tl.store(stat_ptr + rows, lse, mask=valid)
+        tl.store(stat_ptr + N + rows, ssum, mask=valid)
+
+    @triton.jit
+    def _memread_bwd_query_kernel(
+        q_ptr, m_ptr, minv_ptr, blk_ptr, rows_ptr, g_ptr, o_ptr, gw_ptr, wgw_ptr, stat_ptr, aux_ptr, dq_ptr,
+        N, M, D, G, inv_t, lam,
+        sq_n, sq_d, sm_k, sm_m, sm_d,
+        COSINE: tl.constexpr, SHRINK: tl.constexpr, CLASSED: tl.constexpr, HAS_GW: tl.constexpr, NEED_DQ: tl.constexpr,
+        ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """Query gradient, and the per-query sums (``R``, ``g·out``) the memory-gradient kernel needs."""
+        pid = tl.program_id(0)
+        rows, valid, cls = _query_block(pid, blk_ptr, rows_ptr, N, G, CLASSED, BLOCK_N)
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < D
+        qmask = valid[:, None] & dmask[None, :]
+        q = tl.load(q_ptr + rows[:, None] * sq_n + d[None, :] * sq_d, mask=qmask, other=0.0)
+        g = tl.load(g_ptr + rows[:, None] * D + d[None, :], mask=qmask, other=0.0).to(ACC)
+        o = tl.load(o_ptr + rows[:, None] * D + d[None, :], mask=qmask, other=0.0).to(ACC)
+        a, unclamped = _row_scale(q, inv_t, COSINE, ACC)
+        lse = tl.load(stat_ptr + rows, mask=valid, other=0.0)
+        ssum = tl.load(stat_ptr + N + rows, mask=valid, other=1.0)
+        gdo = tl.sum(g * o, axis=1)  # Σ_k w_k·(dL/dw_k), the renormalisation's row sum
+        if HAS_GW:
+            gdo += tl.load(wgw_ptr + rows, mask=valid, other=0.0)
+        m_base = m_ptr + cls * sm_k
+        c_base = minv_ptr + cls * M
+        R = gdo  # without shrinkage Σ_j p_j·(g·m_j) = g·out
+        if SHRINK:
+            R = tl.zeros([BLOCK_N], ACC)
+            for m0 in range(0, M, BLOCK_M):
+                j, jmask, mt, c = _memory_tile(m_base, c_base, m0, d, dmask, M, sm_m, sm_d, BLOCK_M)
+                p = tl.exp(_logits(q, mt, a, c, jmask, DOT_PRECISION) - lse[:, None])
+                gw = _grad_w(g, mt.to(ACC), gw_ptr, rows, valid, j, jmask, M, HAS_GW, DOT_PRECISION)
+                _, _, dp = _weight_grads(p, gw, gdo, ssum, R, lam, SHRINK)
+                R += tl.sum(p * dp, axis=1)
+        tl.store(aux_ptr + rows, R, mask=valid)
+        tl.store(aux_ptr + N + rows, gdo, mask=valid)
+        if NEED_DQ:
+            dq = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+            dss = tl.zeros([BLOCK_N], ACC)
+            for m0 in range(0, M, BLOCK_M):
+                j, jmask, mt, c = _memory_tile(m_base, c_base, m0, d, dmask, M, sm_m, sm_d, BLOCK_M)
+                s = _logits(q, mt, a, c, jmask, DOT_PRECISION)
+                p = tl.exp(s - lse[:, None])
+                mt_acc = mt.to(ACC)
+                gw = _grad_w(g, mt_acc, gw_ptr, rows, valid, j, jmask, M, HAS_GW, DOT_PRECISION)
+                _, ds, _ = _weight_grads(p, gw, gdo, ssum, R, lam, SHRINK)
+                dq += tl.dot(ds * c[None, :], mt_acc, input_precision=DOT_PRECISION)
+                if COSINE:
+                    dss += tl.sum(ds * tl.where(jmask[None, :], s, 0.0), axis=1)
+            dq = dq * a[:, None]
+            if COSINE:  # through the normalisation of q (a constant where |q| is clamped)
+                coef = tl.where(unclamped, a * a * dss / (inv_t * inv_t), 0.0)
+                dq -= q.to(ACC) * coef[:, None]
+            tl.store(dq_ptr + rows[:, None] * D + d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=qmask)
+
+    @triton.jit
+    def _memread_bwd_memory_kernel(
+        q_ptr, m_ptr, minv_ptr, seg_ptr, rows_ptr, g_ptr, gw_ptr, stat_ptr, aux_ptr, part_ptr,
+        N, M, D, K, inv_t, lam,
+        sq_n, sq_d, sm_k, sm_m, sm_d,
+        COSINE: tl.constexpr, SHRINK: tl.constexpr, CLASSED: tl.constexpr, HAS_GW: tl.constexpr, SPLIT: tl.constexpr,
+        ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """Memory gradient of one tile of slots of one class, over one share of that class's queries.
+
+        Program ``(tile, class, split)`` writes ``part[split, class, tile rows, :]``; the host sums
+        the splits in order (deterministic, no atomics).
+        """
+        pid_m = tl.program_id(0)
+        cls = tl.program_id(1).to(tl.int64)
+        split = tl.program_id(2)
+        j = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        jmask = j < M
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < D
+        mmask = jmask[:, None] & dmask[None, :]
+        mt = tl.load(m_ptr + cls * sm_k + j[:, None] * sm_m + d[None, :] * sm_d, mask=mmask, other=0.0)
+        mt_acc = mt.to(ACC)
+        c = tl.load(minv_ptr + cls * M + j, mask=jmask, other=0.0)
+        if CLASSED:
+            start = tl.load(seg_ptr + cls)
+            end = tl.load(seg_ptr + K + cls)
+        else:
+            start = 0
+            end = N
+        share = tl.cdiv(tl.cdiv(end - start, SPLIT), BLOCK_N) * BLOCK_N
+        lo = start + split * share
+        hi = tl.minimum(lo + share, end)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+        dss = tl.zeros([BLOCK_M], ACC)
+        for n0 in range(lo, hi, BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)
+            valid = pos < hi
+            if CLASSED:
+                rows = tl.load(rows_ptr + pos, mask=valid, other=0)
+            else:
+                rows = pos.to(tl.int64)
+            qmask = valid[:, None] & dmask[None, :]
+            q = tl.load(q_ptr + rows[:, None] * sq_n + d[None, :] * sq_d, mask=qmask, other=0.0)
+            g = tl.load(g_ptr + rows[:, None] * D + d[None, :], mask=qmask, other=0.0).to(ACC)
+            a, _ = _row_scale(q, inv_t, COSINE, ACC)
+            lse = tl.load(stat_ptr + rows, mask=valid, other=0.0)
+            ssum = tl.load(stat_ptr + N + rows, mask=valid, other=1.0)
+            R = tl.load(aux_ptr + rows, mask=valid, other=0.0)
+            gdo = tl.load(aux_ptr + N + rows, mask=valid, other=0.0)
+            s = _logits(q, mt, a, c, jmask, DOT_PRECISION)
+            p = tl.where(valid[:, None], tl.exp(s - lse[:, None]), 0.0)
+            gw = _grad_w(g, mt_acc, gw_ptr, rows, valid, j, jmask, M, HAS_GW, DOT_PRECISION)
+            w, ds, _ = _weight_grads(p, gw, gdo, ssum, R, lam, SHRINK)
+            acc += tl.dot(tl.trans(w), g, input_precision=DOT_PRECISION)
+            acc += tl.dot(tl.trans(ds * a[:, None]), q.to(ACC), input_precision=DOT_PRECISION) * c[:, None]
+            if COSINE:
+                dss += tl.sum(ds * tl.where(jmask[None, :] & valid[:, None], s, 0.0), axis=0)
+        if COSINE:  # through the normalisation of the slots (a constant where |m_j| is clamped)
+            nrm = tl.sqrt(tl.sum(mt_acc * mt_acc, axis=1))
+            coef = tl.where(nrm > 1e-8, c * c * dss, 0.0)
+            acc -= mt_acc * coef[:, None]
+        out = part_ptr + ((split * K + cls) * M + j[:, None]) * D + d[None, :]
+        tl.store(out, acc, mask=mmask)
+
+
+def _blocks(dim: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_M, BLOCK_D, num_warps). The feature row stays in registers, so wider
+    features get shorter query blocks. The interpreter wants small tiles (tests cover many)."""
+    block_d = max(16, next_power_of_2(dim))
+    if TRITON_INTERPRET:
+        return 16, 16, block_d, 4
+    block_n = 64 if block_d <= 64 else 32 if block_d <= 256 else 16
+    return block_n, 32, block_d, 4 if block_d <= 256 else 8
+
+
+class _Plan:
+    """Per-call launch plan: query blocks (class-sorted for banks ``[K, M, D]``) and slot norms."""
+
+    def __init__(self, query, memory, class_index, similarity: str, temperature: float, shrink_threshold: float):
+        self.n, self.dim = query.shape
+        self.cosine = similarity == "cosine"
+        self.inv_t = 1.0 / temperature
+        self.shrink = shrink_threshold
+        self.k, self.m = (1, memory.shape[0]) if memory.dim() == 2 else memory.shape[:2]
+        self.block_n, self.block_m, self.block_d, self.warps = _blocks(self.dim)
+        self.classed = memory.dim() == 3
+        self.acc = acc_dtype(query.dtype)
+        self.precision = "ieee" if query.dtype == torch.float64 else dot_precision(query.device)
+        dev = query.device
+        mem3 = memory if memory.dim() == 3 else memory.unsqueeze(0)
+        self.mem_strides = mem3.stride()
+        dt = out_dtype(query.dtype)
+        if self.cosine:
+            self.minv = 1.0 / torch.linalg.vector_norm(mem3.to(dt), dim=-1).clamp_min(NORM_EPS).reshape(-1)
+        else:
+            self.minv = torch.ones(self.k * self.m, device=dev, dtype=dt)
+        if self.classed:
+            rows = torch.argsort(class_index, stable=True)
+            counts = torch.bincount(class_index, minlength=self.k)
+            seg_end = torch.cumsum(counts, 0)
+            seg_start = seg_end - counts
+            nblocks = torch.div(counts + self.block_n - 1, self.block_n, rounding_mode="floor")
+            cum = torch.cumsum(nblocks, 0)
+            self.grid = cdiv(self.n, self.block_n) + self.k  # an upper bound on sum(nblocks)
+            pid = torch.arange(self.grid, device=dev)
+            cls = torch.searchsorted(cum, pid, right=True)
+            used = cls < self.k
+            cls = cls.clamp_max(self.k - 1)
+            start = seg_start[cls] + (pid - (cum[cls] - nblocks[cls])) * self.block_n
+            end = seg_end[cls]
+            self.blk = torch.stack([torch.where(used, start, 0), torch.where(used, end, 0), cls]).contiguous()
+            self.seg = torch.stack([seg_start, seg_end]).contiguous()
+            self.rows = rows
+        else:
+            self.grid = cdiv(self.n, self.block_n)
+            self.blk = self.seg = self.rows = self.minv  # unused pointers
+
+    def memory_splits(self) -> int:
+        """Programs sharing one memory tile's query loop, so that the grid fills the GPU."""
+        tiles = cdiv(self.m, self.block_m) * self.k
+        if TRITON_INTERPRET:
+            return 2
+        most = max(1, cdiv(self.n, 4 * self.block_n * self.k))
+        return max(1, min(most, cdiv(4 * num_sms(self.minv.device), tiles)))
+
+
+def memory_read_triton_forward(query, memory, class_index, similarity, temperature, shrink_threshold, return_weights):
+    """Launch the forward kernel. Returns ``(out, weights or None, stats [2, N], plan)``."""
+    plan = _Plan(query, memory, class_index, similarity, temperature, shrink_threshold)
+    n, m = plan.n, plan.m
+    dt = out_dtype(query.dtype)
+    out = torch.empty((n, plan.dim), device=query.device, dtype=dt)
+    w = torch.empty((n, m), device=query.device, dtype=dt) if return_weights else out
+    stats = torch.empty((2, n), device=query.device, dtype=dt)
+    shrink = shrink_threshold > 0
+    if n > 0:
+        _memread_fwd_kernel[(plan.grid,)](
+            query, memory, plan.minv, plan.blk, plan.rows, out, w, stats,
+            n, m, plan.dim, plan.grid, plan.inv_t, shrink_threshold,
+            *query.stride(), *plan.mem_strides,
+            COSINE=plan.cosine, SHRINK=shrink, WRITE_W=return_weights, CLASSED=plan.classed,
+            ACC=plan.acc, DOT_PRECISION=plan.precision,
+            BLOCK_N=plan.block_n, BLOCK_M=plan.block_m, BLOCK_D=plan.block_d, num_warps=plan.warps,
+        )
+    if return_weights and shrink:
+        w.div_(stats[1].clamp_min(SHRINK_EPS)[:, None])
+    return out, (w if return_weights else None), stats, plan
+
+
+def memory_read_triton_backward(query, memory, grad, grad_w, weights, out, stats, plan, need_q, need_m):
+    """Gradients in query and memory. ``grad_w`` (or None) is the incoming gradient of the
+    returned weights, which then are ``weights``."""
+    n, m, k, dim = plan.n, plan.m, plan.k, plan.dim
+    dt = out_dtype(query.dtype)
+    grad = torch.zeros_like(out) if grad is None else grad.to(dt).contiguous()
+    has_gw = grad_w is not None
+    if has_gw:
+        grad_w = grad_w.to(dt).contiguous()
+        wgw = (weights * grad_w).sum(dim=1)
+    else:
+        grad_w = wgw = grad
+    aux = torch.empty((2, n), device=query.device, dtype=dt)
+    dq = torch.empty((n, dim), device=query.device, dtype=query.dtype) if need_q else aux
+    common = dict(
+        COSINE=plan.cosine, SHRINK=plan.shrink > 0, CLASSED=plan.classed, HAS_GW=has_gw,
+        ACC=plan.acc, DOT_PRECISION=plan.precision,
+        BLOCK_N=plan.block_n, BLOCK_M=plan.block_m, BLOCK_D=plan.block_d, num_warps=plan.warps,
+    )
+    strides = (*query.stride(), *plan.mem_strides)
+    if n > 0:
+        _memread_bwd_query_kernel[(plan.grid,)](
+            query, memory, plan.minv, plan.blk, plan.rows, grad, out, grad_w, wgw, stats, aux, dq,
+            n, m, dim, plan.grid, plan.inv_t, plan.shrink, *strides, NEED_DQ=need_q, **common,
+        )
+    dm = None
+    if need_m:
+        split = plan.memory_splits()
+        part = torch.empty((split, k, m, dim), device=query.device, dtype=dt)
+        _memread_bwd_memory_kernel[(cdiv(m, plan.block_m), k, split)](
+            query, memory, plan.minv, plan.seg, plan.rows, grad, grad_w, stats, aux, part,
+            n, m, dim, k, plan.inv_t, plan.shrink, *strides, SPLIT=split, **common,
+        )
+        dm = part.sum(0) if split > 1 else part[0]
+        dm = dm.reshape(memory.shape).to(memory.dtype)
+    return (dq if need_q else None), dm
+
+
+class _MemoryReadTriton(torch.autograd.Function):
+    """Autograd wrapper: saves ``O(N)`` softmax statistics, recomputes the weights in backward
+    (the ``N×M`` weights are kept only when they were returned)."""
+
+    @staticmethod
+    def forward(ctx, query, memory, class_index, similarity, temperature, shrink_threshold, return_weights):
+        out, w, stats, plan = memory_read_triton_forward(
+            query, memory, class_index, similarity, temperature, shrink_threshold, return_weights
+        )
+        ctx.plan = plan
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(query, memory, out, stats, w)
+        return out if w is None else (out, w)
+
+    @staticmethod
+    def backward(ctx, grad, grad_w=None):
+        query, memory, out, stats, w = ctx.saved_tensors
+        if grad is None and grad_w is None:
+            return None, None, None, None, None, None, None
+        dq, dm = memory_read_triton_backward(
+            query, memory, grad, grad_w, w, out, stats, ctx.plan, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        )
+        return dq, dm, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Dispatch
+# --------------------------------------------------------------------------------------------
+
+
+def _run_torch(query, memory, class_index, similarity, temperature, shrink_threshold, return_weights):
+    return memory_read_reference(query, memory, class_index, similarity, temperature, shrink_threshold, return_weights)
+
+
+def _run_triton(query, memory, class_index, similarity, temperature, shrink_threshold, return_weights):
+    return _MemoryReadTriton.apply(query, memory, class_index, similarity, temperature, shrink_threshold, return_weights)
+
+
+def _triton_check(tensors, **_) -> list[str]:
+    dim = tensors[0].shape[-1]
+    if dim > MAX_FEATURE_DIM:
+        return [f"triton keeps a feature row in registers: D <= {MAX_FEATURE_DIM}, got D={dim}"]
+    return []
+
+
+MEMORY_READ_BACKENDS: dict[str, Backend] = {
+    "torch": Backend("torch", _run_torch, devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES),
+    "triton": Backend(
+        "triton",
+        _run_triton,
+        devices=triton_devices(),
+        dtypes=triton_dtypes(FLOAT_DTYPES),
+        check=_triton_check,
+        extra_reasons=triton_reasons,
+    ),
+}
+
+
+def _check_class_index(class_index, memory: torch.Tensor, n: int) -> None:
+    if memory.dim() == 2:
+        if class_index is not None:
+            raise ValueError("class_index is only used with a class-aware memory [K, M, D]; memory is [M, D]")
+        return
+    if class_index is None:
+        raise ValueError(f"class_index [N] (int64) is required with a class-aware memory [K, M, D], got memory {tuple(memory.shape)}")
+    if not isinstance(class_index, torch.Tensor):
+        raise TypeError(f"class_index must be a torch.Tensor, got {type(class_index).__name__}")
+    if class_index.dtype != torch.int64:
+        raise TypeError(f"class_index must be an int64 tensor [N], got {class_index.dtype}")
+    if class_index.shape != (n,):
+        raise ValueError(f"class_index must have shape [N] = ({n},), got {tuple(class_index.shape)}")
+    if class_index.device != memory.device:
+        raise ValueError(f"class_index must be on {memory.device}, got {class_index.device}")
+    k = memory.shape[0]
+    if n > 0 and bool(((class_index < 0) | (class_index >= k)).any()):
+        lo, hi = int(class_index.min()), int(class_index.max())
+        raise IndexError(f"class_index must lie in [0, {k}) for a memory of {k} banks, got values in [{lo}, {hi}]")
+
+
+def memory_read(
+    query: torch.Tensor,
+    memory: torch.Tensor,
+    class_index: torch.Tensor | None = None,
+    similarity: str = "cosine",
+    temperature: float = 1.0,
+    shrink_threshold: float = 0.0,
+    return_weights: bool = False,
+    backend: str = "auto",
+):
+    """Soft read of a memory bank by each query (MemAE / DualAD / MDD-Net memory addressing).
+
+    Args:
+        query: ``[N, D]`` floating point.
+        memory: ``[M, D]``, or ``[K, M, D]`` class-aware banks (then ``class_index`` is required),
+            same dtype and device as ``query``.
+        class_index: ``[N]`` int64 in ``[0, K)``, the bank each query reads (3-D memory only).
+        similarity: ``"cosine"`` (rows normalised, norms clamped at 1e-8) or ``"dot"``.
+        temperature: ``T > 0``; logits are ``similarity / T``.
+        shrink_threshold: MemAE's ``λ`` in ``[0, 1)``; ``0`` turns hard shrinkage off. With
+            ``λ > 0``: ``w = relu(w-λ)·w/(|w-λ|+1e-12)``, then ``w / max(sum(w), 1e-12)``.
+        return_weights: also return the addressing weights ``w [N, M]`` (for
+            :func:`memory_entropy_loss`; gradients through them flow on every backend).
+        backend: ``"auto"``, ``"torch"`` (reference) or ``"triton"``.
+
+    Returns:
+        ``w @ M`` as ``[N, D]`` float32 (float64 for float64 inputs), and ``w`` when asked.
+        Differentiable in ``query`` and ``memory``.
+    """
+    check_tensor("query", query, 2, "[N, D]")
+    check_tensor("memory", memory)
+    if memory.dim() not in (2, 3):
+        raise ValueError(f"memory must have 2 dimensions [M, D] or 3 [K, M, D], got shape {tuple(memory.shape)}")
+    if memory.shape[-1] != query.shape[1]:
+        raise ValueError(f"memory feature dim must equal query's D={query.shape[1]}, got memory {tuple(memory.shape)}")
+    if memory.shape[-2] == 0:
+        raise ValueError(f"memory must have at least one slot, got shape {tuple(memory.shape)}")
+    if memory.dtype != query.dtype:
+        raise TypeError(f"query and memory must have the same dtype, got {query.dtype} and {memory.dtype}")
+    if memory.device != query.device:
+        raise ValueError(f"query and memory must be on the same device, got {query.device} and {memory.device}")
+    _check_class_index(class_index, memory, query.shape[0])
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    temperature = check_positive_float("temperature", temperature)
+    shrink_threshold = check_positive_float("shrink_threshold", shrink_threshold, allow_zero=True)
+    if shrink_threshold >= 1.0:
+        raise ValueError(f"shrink_threshold must lie in [0, 1), got {shrink_threshold}")
+    tensors = (query, memory)
+    impl = select_backend("memory_read", backend, MEMORY_READ_BACKENDS, tensors)
+    return impl.fn(query, memory, class_index, similarity, temperature, shrink_threshold, bool(return_weights))
