@@ -12,6 +12,7 @@ from fastuad.ops.cosmap import (
     gaussian_kernel1d,
 )
 from fastuad.ops.knn_search import knn, knn_reference
+from fastuad.ops.local_attn import local_attention, local_attention_reference, window_mask
 from fastuad.ops.memory import memory_entropy_loss, memory_read, memory_read_reference
 
 __all__ = [
@@ -23,6 +24,9 @@ __all__ = [
     "cosine_distance_map_reference",
     "gaussian_blur_reference",
     "gaussian_kernel1d",
+    "local_attention",
+    "local_attention_reference",
+    "window_mask",
     "knn",
     "knn_reference",
     "memory_entropy_loss",
