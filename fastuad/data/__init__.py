@@ -1,0 +1,28 @@
+"""Datasets (MVTec AD, VisA, BTAD, folder), transforms and pseudo-anomaly synthesis."""
+
+from fastuad.data.datasets import (
+    DATASETS,
+    AnomalyDataset,
+    BTADDataset,
+    FolderDataset,
+    MVTecDataset,
+    Sample,
+    VisADataset,
+    build_dataset,
+)
+from fastuad.data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize, normalize
+
+__all__ = [
+    "DATASETS",
+    "AnomalyDataset",
+    "BTADDataset",
+    "FolderDataset",
+    "MVTecDataset",
+    "Sample",
+    "VisADataset",
+    "build_dataset",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "denormalize",
+    "normalize",
+]
