@@ -1,54 +1,155 @@
-"""The ``fastuad`` command.
+"""The ``fastuad`` command: ``train``, ``eval``, ``predict``, ``demo`` and ``info``.
 
-``fastuad demo`` will build a small demo data set, train the default model, evaluate and write
-heatmaps once the training engine lands; until then it says what it will do and checks that the
-ops run on this machine. ``fastuad info`` reports versions and which op backends can run here.
+User mistakes (a missing data root, an unknown model or backbone, a checkpoint of another
+model, ``--device cuda`` without a GPU) end with one ``fastuad: error: ...`` line and exit code
+2; ``--traceback`` shows the full trace instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import tempfile
 import time
+from pathlib import Path
 
-DEMO_PLAN = """\
-fastuad demo - plan (the data, engine and model land with the next release):
-  1. build a small MVTec-layout demo data set from real photographs, with drawn defects
-  2. train RD4AD (EfficientNet-Lite0 ImageNet encoder) on all its classes at once
-  3. evaluate image/pixel AUROC, AP, F1-max and AUPRO exactly
-  4. write heatmap overlays and print the metric table
-"""
+DEMO_CLASSES_NOTE = "brick, chelsea, coffee, grass, gravel (scikit-image photographs; scratch, blob and spot defects)"
+
+
+class _UserError(Exception):
+    """Raised inside the CLI for a user mistake; printed as one ``fastuad: error:`` line."""
 
 
 def _device(name: str):
+    from fastuad.engine import resolve_device
+
+    return resolve_device(name)
+
+
+def _set_threads(threads: int | None, device) -> None:
+    """CPU threads for torch: ``--threads`` or, by default, the cores not already busy.
+
+    On a shared machine two OpenMP threads fighting other processes for two cores run many
+    times slower than one, so the default leaves busy cores alone.
+    """
     import torch
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("fastuad: error: --device cuda was asked for, but no CUDA GPU is visible")
-    return torch.device(name)
+    if device.type != "cpu":
+        return
+    if threads is None:
+        cores = os.cpu_count() or 1
+        try:
+            busy = os.getloadavg()[0]
+        except OSError:
+            busy = 0.0
+        threads = max(1, min(cores, int(cores - busy + 0.5)))
+    torch.set_num_threads(max(1, threads))
+
+
+def _classes(text: str | None) -> list[str] | None:
+    if not text:
+        return None
+    classes = [c.strip() for c in text.split(",") if c.strip()]
+    if not classes:
+        raise _UserError(f"--classes must list class names separated by commas, got {text!r}")
+    return classes
+
+
+def _write_json(result: dict, path: str | None) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps({"per_class": result["per_class"], "mean": result["mean"]}, indent=2))
+        print(f"metrics written to {path}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fastuad.engine import TrainConfig, format_table, train
+
+    device = _device(args.device)
+    _set_threads(args.threads, device)
+    cfg = TrainConfig(
+        model=args.model,
+        dataset=args.dataset,
+        data_root=args.data_root,
+        out=args.out,
+        classes=_classes(args.classes),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        backbone=args.backbone,
+        weights=args.weights,
+        device=str(device),
+        resume=args.resume,
+        lr=args.lr,
+        seed=args.seed,
+        workers=args.workers,
+        keep=args.keep,
+        evaluate=not args.no_eval,
+        progress=not args.no_progress,
+    )
+    result = train(cfg)
+    print(f"trained {args.epochs} epochs in {result['train_seconds']:.1f} s; checkpoint {result['checkpoint']}")
+    if "metrics" in result:
+        print(format_table(result["metrics"]))
+        _write_json(result["metrics"], args.json)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fastuad.engine import _build_dataset, evaluate, format_table, load_checkpoint
+
+    device = _device(args.device)
+    _set_threads(args.threads, device)
+    model, ckpt = load_checkpoint(args.checkpoint, device)
+    size = int(ckpt["config"]["image_size"])
+    dataset = _build_dataset(args.dataset, args.data_root, "test", _classes(args.classes), size)
+    result = evaluate(model, dataset, device, args.batch_size, progress=not args.no_progress)
+    print(format_table(result))
+    _write_json(result, args.json)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from fastuad.engine import load_checkpoint, predict
+
+    device = _device(args.device)
+    _set_threads(args.threads, device)
+    model, _ = load_checkpoint(args.checkpoint, device)
+    rows = predict(model, args.images, args.out, device, args.batch_size, progress=not args.no_progress)
+    for path, score, _heatmap in rows:
+        print(f"{score:10.5f}  {path}")
+    print(f"{len(rows)} heatmaps and scores.csv written to {args.out}")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import torch
+    from fastuad.data.demo import DEMO_DEFECTS, make_demo_dataset
+    from fastuad.engine import TrainConfig, format_table, load_checkpoint, predict, train
 
-    from fastuad.nn import CosineDistanceMap
-
-    print(DEMO_PLAN)
     device = _device(args.device)
-    g = torch.Generator().manual_seed(0)
-    shapes = [(64, 32, 32), (128, 16, 16), (256, 8, 8)]
-    teacher = [torch.randn(2, c, h, w, generator=g).to(device) for c, h, w in shapes]
-    student = [t + 0.1 * torch.randn(t.shape, generator=g).to(device) for t in teacher]
-    head = CosineDistanceMap(out_size=128, reduction="sum", blur_sigma=4.0).to(device)
+    _set_threads(args.threads, device)
+    work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="fastuad-demo-"))
     start = time.perf_counter()
-    with torch.inference_mode():
-        amap = head(teacher, student)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    ms = 1e3 * (time.perf_counter() - start)
-    print(f"ops check on {device}: anomaly map {tuple(amap.shape)}, max score {amap.amax().item():.4f} ({ms:.1f} ms)")
+    print(f"fastuad demo: {DEMO_CLASSES_NOTE}; working in {work}")
+    root = make_demo_dataset(work / "data", seed=args.seed, image_size=args.image_size)
+    print(f"1/4 demo data set written to {root} ({time.perf_counter() - start:.0f} s)")
+    print(f"2/4 training rd4ad (efficientnet_lite0, ImageNet weights) on all classes at once, {args.epochs} epochs on {device}")
+    cfg = TrainConfig(
+        model="rd4ad", dataset="mvtec", data_root=str(root), out=str(work / "checkpoints"), epochs=args.epochs,
+        batch_size=args.batch_size, image_size=args.image_size, device=str(device), seed=args.seed,
+        progress=not args.no_progress,
+    )
+    result = train(cfg)
+    print(f"3/4 evaluated ({time.perf_counter() - start:.0f} s so far):")
+    print(format_table(result["metrics"]))
+    _write_json(result["metrics"], str(work / "metrics.json"))
+    model, _ = load_checkpoint(result["checkpoint"], device)
+    samples = sorted(p for cls in sorted(os.listdir(root)) if (root / cls).is_dir()
+                     for kind in ("good", *DEMO_DEFECTS) for p in sorted((root / cls / "test" / kind).glob("*.png"))[:1])
+    predict(model, samples, work / "heatmaps", device, progress=False)
+    print(f"4/4 heatmaps of {len(samples)} test images in {work / 'heatmaps'}; total {time.perf_counter() - start:.0f} s")
     return 0
 
 
@@ -56,6 +157,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     import fastuad
+    from fastuad.models import list_models
     from fastuad.ops._cuda_ext import IMPORT_ERROR
     from fastuad.ops._dispatch import HAS_TRITON, TRITON_INTERPRET
 
@@ -68,26 +170,86 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         print("triton: not installed")
     print(f"CUDA extension fastuad._C: {'built' if IMPORT_ERROR is None else 'not built'}")
+    print(f"models: {', '.join(list_models())}")
     return 0
+
+
+def _common(p: argparse.ArgumentParser, batch_size: int = 16) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when visible)")
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores not already busy)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
     import fastuad
+    from fastuad.backbones import DEFAULT_BACKBONE
 
     parser = argparse.ArgumentParser(prog="fastuad", description="Fast multi-class unsupervised anomaly detection.")
     parser.add_argument("--version", action="version", version=f"fastuad {fastuad.__version__}")
+    parser.add_argument("--traceback", action="store_true", help="show the full trace of an error")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train and evaluate on a built-in demo data set")
-    demo.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    datasets = ("mvtec", "visa", "btad", "folder")
+
+    train = sub.add_parser("train", help="train one model on all classes of a data set")
+    train.add_argument("--model", required=True, help="a registered model (fastuad info lists them)")
+    train.add_argument("--dataset", required=True, choices=datasets)
+    train.add_argument("--data-root", required=True)
+    train.add_argument("--classes", default=None, help="comma-separated classes (default: all under the root)")
+    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--image-size", type=int, default=256)
+    train.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    train.add_argument("--weights", default=None, help="local state dict for the backbone")
+    train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    train.add_argument("--out", required=True, help="directory for the checkpoints")
+    train.add_argument("--lr", type=float, default=0.005)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 0 on CPU)")
+    train.add_argument("--keep", type=int, default=1, help="epoch_NNN.pt files kept besides last.pt")
+    train.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    train.add_argument("--json", default=None, help="write the final metrics to this JSON file")
+    _common(train)
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint on a test set")
+    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--dataset", required=True, choices=datasets)
+    ev.add_argument("--data-root", required=True)
+    ev.add_argument("--classes", default=None)
+    ev.add_argument("--json", default=None, help="write the per-class and mean metrics to this JSON file")
+    _common(ev)
+    ev.set_defaults(func=cmd_eval)
+
+    pr = sub.add_parser("predict", help="heatmap overlays and image scores for image files")
+    pr.add_argument("--checkpoint", required=True)
+    pr.add_argument("images", nargs="+")
+    pr.add_argument("--out", required=True)
+    _common(pr)
+    pr.set_defaults(func=cmd_predict)
+
+    demo = sub.add_parser("demo", help="build the demo data set, train, evaluate and write heatmaps")
+    demo.add_argument("--out", default=None, help="working directory (default: a new temporary one)")
+    demo.add_argument("--epochs", type=int, default=10)
+    demo.add_argument("--image-size", type=int, default=128)
+    demo.add_argument("--seed", type=int, default=0)
+    _common(demo)
     demo.set_defaults(func=cmd_demo)
-    info = sub.add_parser("info", help="versions and available backends")
+
+    info = sub.add_parser("info", help="versions, backends and registered models")
     info.set_defaults(func=cmd_info)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (_UserError, ValueError, OSError) as exc:
+        if args.traceback:
+            raise
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"fastuad: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

