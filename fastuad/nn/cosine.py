@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from fastuad.ops._dispatch import check_backend_name
+from fastuad.ops._validate import check_positive_float
 from fastuad.ops.cosdist import cosine_distance
 from fastuad.ops.cosmap import REDUCTIONS, cosine_distance_map, gaussian_kernel1d
 
@@ -30,12 +31,11 @@ class CosineDistanceMap(nn.Module):
         super().__init__()
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if not isinstance(blur_sigma, (int, float)) or isinstance(blur_sigma, bool) or blur_sigma < 0:
-            raise ValueError(f"blur_sigma must be a number >= 0, got {blur_sigma!r}")
+        blur_sigma = check_positive_float("blur_sigma", blur_sigma, allow_zero=True)
         check_backend_name(backend)
         self.out_size = out_size
         self.reduction = reduction
-        self.blur_sigma = float(blur_sigma)
+        self.blur_sigma = blur_sigma
         self.backend = backend
         weights = gaussian_kernel1d(self.blur_sigma) if self.blur_sigma > 0 else []
         self.register_buffer("gaussian", torch.tensor(weights, dtype=torch.float32), persistent=False)

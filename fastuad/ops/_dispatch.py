@@ -116,7 +116,3 @@ def select_backend(
         raise BackendUnavailableError(f"{op}: backend={backend!r} cannot run these inputs: " + "; ".join(reasons))
     return impl
 
-
-def available_backends(op_backends: dict[str, Backend], tensors: Sequence[torch.Tensor], **kwargs) -> list[str]:
-    """Names of the backends of an op that can run ``tensors`` (for tests and benchmarks)."""
-    return [n for n, b in op_backends.items() if not b.not_supported_reasons(tensors, **kwargs)]
