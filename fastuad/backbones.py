@@ -23,6 +23,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from fastuad.errors import FastUADError
+
 __all__ = [
     "DEFAULT_BACKBONE",
     "BackboneError",
@@ -44,7 +46,7 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDOM_WEIGHTS = "random"
 
 
-class BackboneError(ValueError):
+class BackboneError(FastUADError, ValueError):
     """A backbone that cannot be built as asked (unknown name, weights missing or mismatched)."""
 
 

@@ -79,6 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         image_size=args.image_size,
         backbone=args.backbone,
+        preset=args.preset,
         weights=args.weights,
         device=str(device),
         resume=args.resume,
@@ -90,7 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     result = train(cfg)
-    print(f"trained {args.epochs} epochs in {result['train_seconds']:.1f} s; checkpoint {result['checkpoint']}")
+    print(f"trained {result['epochs_run']} epochs in {result['train_seconds']:.1f} s; checkpoint {result['checkpoint']}")
     if "metrics" in result:
         print(format_table(result["metrics"]))
         _write_json(result["metrics"], args.json)
@@ -135,9 +136,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"fastuad demo: {DEMO_CLASSES_NOTE}; working in {work}")
     root = make_demo_dataset(work / "data", seed=args.seed, image_size=args.image_size)
     print(f"1/4 demo data set written to {root} ({time.perf_counter() - start:.0f} s)")
-    print(f"2/4 training rd4ad (efficientnet_lite0, ImageNet weights) on all classes at once, {args.epochs} epochs on {device}")
+    epochs = "the recipe's" if args.epochs is None else args.epochs
+    print(f"2/4 training {args.model} (efficientnet_lite0, ImageNet weights) on all classes at once, {epochs} epochs on {device}")
     cfg = TrainConfig(
-        model="rd4ad", dataset="mvtec", data_root=str(root), out=str(work / "checkpoints"), epochs=args.epochs,
+        model=args.model, dataset="mvtec", data_root=str(root), out=str(work / "checkpoints"), epochs=args.epochs,
         batch_size=args.batch_size, image_size=args.image_size, device=str(device), seed=args.seed,
         progress=not args.no_progress,
     )
@@ -174,9 +176,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _common(p: argparse.ArgumentParser, batch_size: int = 16) -> None:
+def _common(p: argparse.ArgumentParser, batch_size: int | None = 16) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when visible)")
-    p.add_argument("--batch-size", type=int, default=batch_size)
+    help_ = "images per batch" if batch_size is not None else "images per batch (default: the model's recipe)"
+    p.add_argument("--batch-size", type=int, default=batch_size, help=help_)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores not already busy)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -196,19 +199,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dataset", required=True, choices=datasets)
     train.add_argument("--data-root", required=True)
     train.add_argument("--classes", default=None, help="comma-separated classes (default: all under the root)")
-    train.add_argument("--epochs", type=int, default=10)
-    train.add_argument("--image-size", type=int, default=256)
-    train.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    train.add_argument("--epochs", type=int, default=None, help="default: the model's recipe (10 for the default presets)")
+    train.add_argument("--image-size", type=int, default=None, help="default: the preset's (256 for the default presets)")
+    train.add_argument("--backbone", default=None, help=f"any timm name (default: the preset's, {DEFAULT_BACKBONE} for the default presets)")
+    train.add_argument("--preset", default="default", help="default (EfficientNet-Lite0, sized for a CPU) or paper (the authors' set-up)")
     train.add_argument("--weights", default=None, help="local state dict for the backbone")
     train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     train.add_argument("--out", required=True, help="directory for the checkpoints")
-    train.add_argument("--lr", type=float, default=0.005)
+    train.add_argument("--lr", type=float, default=None, help="default: the model's recipe")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 0 on CPU)")
     train.add_argument("--keep", type=int, default=1, help="epoch_NNN.pt files kept besides last.pt")
     train.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     train.add_argument("--json", default=None, help="write the final metrics to this JSON file")
-    _common(train)
+    _common(train, batch_size=None)
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on a test set")
@@ -229,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="build the demo data set, train, evaluate and write heatmaps")
     demo.add_argument("--out", default=None, help="working directory (default: a new temporary one)")
-    demo.add_argument("--epochs", type=int, default=10)
+    demo.add_argument("--model", default="rd4ad", help="a registered model (default: rd4ad)")
+    demo.add_argument("--epochs", type=int, default=None, help="default: the model's recipe (10 for the default presets)")
     demo.add_argument("--image-size", type=int, default=128)
     demo.add_argument("--seed", type=int, default=0)
     _common(demo)

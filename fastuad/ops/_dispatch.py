@@ -9,11 +9,14 @@ reasons: it never falls back silently.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
+
+from fastuad.errors import FastUADError
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
@@ -28,7 +31,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     HAS_TRITON = False
 
 
-class BackendUnavailableError(RuntimeError):
+class BackendUnavailableError(FastUADError, RuntimeError):
     """A backend was named explicitly but cannot run these inputs."""
 
 
@@ -85,6 +88,53 @@ def check_backend_name(backend: str) -> None:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
 
 
+@dataclass(frozen=True)
+class OpCall:
+    """One recorded op call: the op's name, the backend that ran it, its tensor inputs' shapes and dtypes."""
+
+    op: str
+    backend: str
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[str, ...]
+
+    def __str__(self) -> str:
+        args = ", ".join(f"{dt}{list(sh)}" for sh, dt in zip(self.shapes, self.dtypes))
+        return f"{self.op}[{self.backend}]({args})"
+
+
+_TRACES: list[list[OpCall]] = []
+
+
+@contextlib.contextmanager
+def trace() -> Iterator[list[OpCall]]:
+    """Record every fused-op call made inside the block, in order.
+
+    ``with fastuad.ops.trace() as calls: model(x)`` leaves one :class:`OpCall` per call in
+    ``calls`` (op name as the dispatcher knows it, backend chosen, input shapes and dtypes), so
+    a user sees which kernels a model ran. Traces nest: an inner block's calls appear in the
+    outer list too.
+    """
+    calls: list[OpCall] = []
+    _TRACES.append(calls)
+    try:
+        yield calls
+    finally:
+        _TRACES.remove(calls)
+
+
+def _record(op: str, impl: "Backend", tensors: Sequence[torch.Tensor]) -> None:
+    if not _TRACES:
+        return
+    call = OpCall(
+        op,
+        impl.name,
+        tuple(tuple(t.shape) for t in tensors),
+        tuple(str(t.dtype).replace("torch.", "") for t in tensors),
+    )
+    for calls in _TRACES:
+        calls.append(call)
+
+
 def select_backend(
     op: str,
     backend: str,
@@ -104,6 +154,7 @@ def select_backend(
         for name in order:
             impl = backends.get(name)
             if impl is not None and not impl.not_supported_reasons(tensors, **kwargs):
+                _record(op, impl, tensors)
                 return impl
         reasons = {n: backends[n].not_supported_reasons(tensors, **kwargs) for n in order if n in backends}
         raise BackendUnavailableError(f"{op}: no backend can run these inputs: {reasons}")
@@ -114,5 +165,6 @@ def select_backend(
     reasons = impl.not_supported_reasons(tensors, **kwargs)
     if reasons:
         raise BackendUnavailableError(f"{op}: backend={backend!r} cannot run these inputs: " + "; ".join(reasons))
+    _record(op, impl, tensors)
     return impl
 
