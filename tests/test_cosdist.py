@@ -125,3 +125,42 @@ def test_triton_channel_split_forward_and_backward(split):
     torch.testing.assert_close(d, cosine_distance_reference(a, b), atol=1e-5, rtol=1e-5)
     d1, coef1 = cosine_distance_triton_forward(a, b, 1e-8, with_coef=True, split=1)
     torch.testing.assert_close(coef, coef1, atol=1e-6, rtol=1e-5)
+
+
+# ---- the GPU launch configuration, run under the interpreter ------------------------------
+
+# (shape, multiprocessor count, expected (BLOCK_P, BLOCK_C, warps, splits)): the SM count moves
+# the grid across every branch of pixel_blocks / channel_splits on a small problem.
+GPU_PLANS = [
+    ((2, 40, 12, 20), 1, (32, 16, 4, 1)),  # many programs per SM: 16-channel chunks
+    ((2, 40, 12, 20), 4, (32, 32, 4, 1)),  # a few per SM: 32-channel chunks, 4 warps
+    ((2, 40, 12, 20), 132, (32, 32, 8, 1)),  # under 4 per SM: 8 warps
+    ((1, 300, 4, 6), 132, (32, 32, 8, 2)),  # one tiny map, many channels: channel splits + finalize
+]
+
+
+@pytest.mark.parametrize("shape, sms, plan", GPU_PLANS)
+@pytest.mark.parametrize("dtype", float_dtypes_for_triton())
+def test_gpu_launch_configuration_matches_reference(monkeypatch, shape, sms, plan, dtype):
+    """Forward and backward at the tiles, warps and splits a GPU with ``sms`` multiprocessors gets."""
+    from fastuad.ops import cosdist
+    from fastuad.ops._launch import gpu_configs
+
+    monkeypatch.setattr(cosdist, "num_sms", lambda device: sms)
+    B, C, H, W = shape
+    with gpu_configs():
+        bp, bc, warps, _, _, split = cosdist._forward_plan(B, C, H, W, torch.device(TRITON_DEVICE), None)
+        assert (bp, bc, warps, split) == plan
+        a, b = _pair(shape, dtype, TRITON_DEVICE, seed=3)
+        a.requires_grad_(True)
+        b.requires_grad_(True)
+        out = cosine_distance(a, b, backend="triton")
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(TRITON_DEVICE)
+        ga, gb = torch.autograd.grad(out, (a, b), g)
+    ar, br = a.detach().double().requires_grad_(True), b.detach().double().requires_grad_(True)
+    ref = cosine_distance_reference(ar, br)
+    gar, gbr = torch.autograd.grad(ref, (ar, br), g.double())
+    torch.testing.assert_close(out, ref.float(), **_tol(dtype))
+    tol = {"atol": 1e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 2e-3, "rtol": 2e-2}
+    torch.testing.assert_close(ga.double(), gar, **tol)
+    torch.testing.assert_close(gb.double(), gbr, **tol)

@@ -205,3 +205,26 @@ def test_bad_input_names_the_argument(make, kwargs, exc, match):
     fa, fb = make()
     with pytest.raises(exc, match=match):
         cosine_distance_map(fa, fb, **kwargs)
+
+
+# ---- the GPU launch configuration, run under the interpreter ------------------------------
+
+
+@pytest.mark.parametrize(
+    "reduction, sigma, out_size",
+    [("mean", 4.0, (130, 70)), ("sum", 0.0, (70, 97)), ("prod", 1.0, (70, 75)), ("prod", 0.0, (40, 130))],
+)
+def test_gpu_tiles_match_reference(reduction, sigma, out_size):
+    """Stage 2 at its GPU tiles (64x64 linear, 64x64 / 32x64 gather): several tiles, partial edges."""
+    from fastuad.ops import cosmap
+    from fastuad.ops._launch import gpu_configs
+
+    fa, fb = _features([(20, 16, 12), (40, 8, 6), (300, 4, 3)], batch=1, device=TRITON_DEVICE, seed=11)
+    with gpu_configs():
+        assert cosmap._linear_tiles() == (64, 64, 32, 4)
+        assert cosmap._stage2_tiles(True) == (64, 64, 32, 8) and cosmap._stage2_tiles(False) == (32, 64, 32, 4)
+        got = cosine_distance_map(fa, fb, out_size=out_size, reduction=reduction, blur_sigma=sigma, backend="triton")
+    want = cosine_distance_map_reference(
+        [a.double() for a in fa], [b.double() for b in fb], out_size=out_size, reduction=reduction, blur_sigma=sigma
+    )
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)

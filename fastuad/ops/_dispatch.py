@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from fastuad.errors import FastUADError
+from fastuad.ops._validate import FLOAT_DTYPES
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
@@ -83,6 +84,35 @@ def triton_dtypes(base: tuple[torch.dtype, ...]) -> tuple[torch.dtype, ...]:
     return tuple(d for d in base if not (TRITON_INTERPRET and d == torch.bfloat16))
 
 
+def standard_backends(
+    reference: Callable,
+    fused: Callable,
+    *,
+    dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
+    fused_dtypes: tuple[torch.dtype, ...] | None = None,
+    check: Callable[..., list[str]] | None = None,
+) -> dict[str, Backend]:
+    """The ``{"torch": ..., "triton": ...}`` table every op starts from.
+
+    ``reference`` (the pure-PyTorch op, any device, ``dtypes``) and ``fused`` (the Triton
+    launcher or its autograd ``Function.apply``, on :func:`triton_devices` and ``fused_dtypes``,
+    default ``dtypes``, less bfloat16 under the interpreter) are called with the same arguments.
+    ``check(tensors, **kwargs)`` lists what the Triton kernels cannot run beyond device and dtype.
+    An op with more backends (cosmap's ``"cuda"``) adds its own entry to the returned dict.
+    """
+    return {
+        "torch": Backend("torch", reference, devices=("cpu", "cuda"), dtypes=dtypes),
+        "triton": Backend(
+            "triton",
+            fused,
+            devices=triton_devices(),
+            dtypes=triton_dtypes(dtypes if fused_dtypes is None else fused_dtypes),
+            check=check,
+            extra_reasons=triton_reasons,
+        ),
+    }
+
+
 def check_backend_name(backend: str) -> None:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
@@ -135,6 +165,16 @@ def _record(op: str, impl: "Backend", tensors: Sequence[torch.Tensor]) -> None:
         calls.append(call)
 
 
+def no_backend_message(op: str, backends: dict[str, Backend], order: Sequence[str], tensors, **kwargs) -> str:
+    """``"<op>: no backend can run these inputs:"`` then one line per backend tried with its reasons."""
+    lines = [f"{op}: no backend can run these inputs:"]
+    for name in order:
+        if name in backends:
+            reasons = backends[name].not_supported_reasons(tensors, **kwargs) or ["(no reason given)"]
+            lines.append(f"  {name}: " + "; ".join(reasons))
+    return "\n".join(lines)
+
+
 def select_backend(
     op: str,
     backend: str,
@@ -156,8 +196,7 @@ def select_backend(
             if impl is not None and not impl.not_supported_reasons(tensors, **kwargs):
                 _record(op, impl, tensors)
                 return impl
-        reasons = {n: backends[n].not_supported_reasons(tensors, **kwargs) for n in order if n in backends}
-        raise BackendUnavailableError(f"{op}: no backend can run these inputs: {reasons}")
+        raise BackendUnavailableError(no_backend_message(op, backends, order, tensors, **kwargs))
     impl = backends.get(backend)
     if impl is None:
         have = ", ".join(sorted(backends))

@@ -6,7 +6,9 @@ call from the host, which adds up on the ~100 µs ops this library is about.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from typing import Iterator
 
 import torch
 
@@ -45,13 +47,50 @@ def acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def dot_precision(device: torch.device) -> str:
-    """fp32-accurate ``tl.dot`` products on fp32 operands.
+def dot_precision_for(dtype: torch.dtype, capability: tuple[int, int] | None) -> str:
+    """The ``input_precision`` of every ``tl.dot`` in fastuad, from the operand dtype and the GPU.
 
-    3xTF32 (tensor cores, error ~2e-6 on the cosmap stage 2) where the GPU has TF32 (sm_80+):
-    1.5x faster than IEEE fp32 products in the H100 sweep. The interpreter computes in fp32
-    whatever is asked.
+    One rule for every op:
+
+    * float64 operands, or no CUDA GPU (``capability`` None: the interpreter computes in fp32
+      whatever is asked): ``"ieee"``;
+    * float32 operands on sm_80+ (TF32 tensor cores): ``"tf32x3"``, fp32-accurate products
+      (error ~2e-6 on the cosmap stage 2) 1.5x faster than IEEE in the H100 sweep; below sm_80
+      ``"ieee"``;
+    * float16 / bfloat16 operands: ``"ieee"``. Triton ignores the setting for 16-bit operands,
+      but a kernel that upcasts its 16-bit inputs before a dot must not silently get plain TF32
+      (10-bit mantissa) products, so 16-bit inputs never get a tf32 argument.
     """
+    if capability is None or dtype != torch.float32:
+        return "ieee"
+    return "tf32x3" if capability >= (8, 0) else "ieee"
+
+
+def dot_precision(device: torch.device, dtype: torch.dtype) -> str:
+    """:func:`dot_precision_for` the operands' ``dtype`` on ``device`` (``"ieee"`` off a GPU)."""
     if TRITON_INTERPRET or device.type != "cuda":
         return "ieee"
-    return "tf32x3" if _capability(device) >= (8, 0) else "ieee"
+    return dot_precision_for(dtype, _capability(device))
+
+
+_FORCE_GPU_CONFIGS = 0
+
+
+def interpreter_configs() -> bool:
+    """True when launchers should pick the interpreter's small tiles (under ``TRITON_INTERPRET``).
+
+    :func:`gpu_configs` turns it off, so tests run the tile sizes, warps and flags a GPU would
+    get on small problems under the interpreter.
+    """
+    return TRITON_INTERPRET and not _FORCE_GPU_CONFIGS
+
+
+@contextlib.contextmanager
+def gpu_configs() -> Iterator[None]:
+    """Inside the block, launch heuristics choose their GPU configuration even under the interpreter."""
+    global _FORCE_GPU_CONFIGS
+    _FORCE_GPU_CONFIGS += 1
+    try:
+        yield
+    finally:
+        _FORCE_GPU_CONFIGS -= 1

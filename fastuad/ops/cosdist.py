@@ -21,16 +21,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastuad.ops._dispatch import (
-    HAS_TRITON,
-    TRITON_INTERPRET,
-    Backend,
-    select_backend,
-    triton_devices,
-    triton_dtypes,
-    triton_reasons,
-)
-from fastuad.ops._launch import acc_dtype, cdiv, next_power_of_2, num_sms
+from fastuad.ops._compile import CompileTarget, launch_target
+from fastuad.ops._dispatch import HAS_TRITON, select_backend, standard_backends
+from fastuad.ops._launch import acc_dtype, cdiv, gpu_configs, interpreter_configs, next_power_of_2, num_sms
 from fastuad.ops._validate import FLOAT_DTYPES, check_positive_float, check_same, check_tensor, out_dtype
 
 if HAS_TRITON:
@@ -199,24 +192,26 @@ if HAS_TRITON:
 
 
 
-def pixel_blocks(num_images: int, hw: int, channels: int, device: torch.device) -> tuple[int, int, int]:
+def pixel_blocks(num_images: int, hw: int, channels: int, device: torch.device, sms: int | None = None) -> tuple[int, int, int]:
     """(BLOCK_P, BLOCK_C, num_warps) for a per-pixel channel reduction.
 
     Chosen from an H100 sweep (``benchmarks/sweep_cosmap.py``) over the cosmap scales: 32-pixel
     rows win at every size; grids of many programs want short channel chunks and 4 warps,
     grids of a few programs per multiprocessor want 32-channel chunks, and 8 warps when the
-    grid has fewer than four programs per multiprocessor. The interpreter wants few, large blocks.
+    grid has fewer than four programs per multiprocessor. The interpreter wants few, large blocks
+    (unless :func:`fastuad.ops._launch.gpu_configs` is active). ``sms`` overrides the device's
+    multiprocessor count (the compile check plans for a GPU it does not have).
     """
-    if TRITON_INTERPRET:
+    if interpreter_configs():
         return 64, 16, 4
     block_p = min(32, next_power_of_2(hw))
     programs = num_images * cdiv(hw, block_p)
-    sms = num_sms(device)
+    sms = num_sms(device) if sms is None else sms
     block_c, warps = (16, 4) if programs >= 16 * sms else (32, 4) if programs >= 4 * sms else (32, 8)
     return block_p, min(block_c, next_power_of_2(channels)), warps
 
 
-def channel_splits(programs: int, channels: int, block_c: int, device: torch.device) -> int:
+def channel_splits(programs: int, channels: int, block_c: int, device: torch.device, sms: int | None = None) -> int:
     """How many programs share one pixel block's channels, for grids far too small for the GPU.
 
     On the H100 sweep splitting never paid for grids of two or more programs per multiprocessor
@@ -225,12 +220,27 @@ def channel_splits(programs: int, channels: int, block_c: int, device: torch.dev
     keeps at least four channel chunks; at most 16 splits. Under the interpreter the split path
     is taken whenever there are enough channels, so the CPU tests cover it.
     """
-    if TRITON_INTERPRET:
+    if interpreter_configs():
         return 2 if channels >= 8 * block_c else 1
-    sms = num_sms(device)
+    sms = num_sms(device) if sms is None else sms
     if 2 * programs >= sms:
         return 1
     return max(1, min(16, cdiv(sms, programs), channels // (4 * block_c)))
+
+
+def finalize_block() -> int:
+    """Pixels per program of :func:`_cos_finalize_kernel`."""
+    return 256 if interpreter_configs() else 1024
+
+
+def _forward_plan(B: int, C: int, H: int, W: int, device: torch.device, split: int | None, sms: int | None = None):
+    """(BLOCK_P, BLOCK_C, warps, pixel blocks, channels per split, splits) of one forward launch."""
+    block_p, block_c, warps = pixel_blocks(B, H * W, C, device, sms)
+    n_pblocks = cdiv(H * W, block_p)
+    if split is None:
+        split = channel_splits(n_pblocks * B, C, block_c, device, sms)
+    c_per_split = cdiv(cdiv(C, split), block_c) * block_c
+    return block_p, block_c, warps, n_pblocks, c_per_split, cdiv(C, c_per_split)
 
 
 def cosine_distance_triton_forward(
@@ -250,12 +260,7 @@ def cosine_distance_triton_forward(
     if out is None:
         out = torch.empty((B, H, W), device=a.device, dtype=dt)
     coef = torch.empty((3, B, H, W), device=a.device, dtype=dt) if with_coef else out
-    block_p, block_c, warps = pixel_blocks(B, H * W, C, a.device)
-    n_pblocks = cdiv(H * W, block_p)
-    if split is None:
-        split = channel_splits(n_pblocks * B, C, block_c, a.device)
-    c_per_split = cdiv(cdiv(C, split), block_c) * block_c
-    split = cdiv(C, c_per_split)
+    block_p, block_c, warps, n_pblocks, c_per_split, split = _forward_plan(B, C, H, W, a.device, split)
     acc = acc_dtype(a.dtype)
     part = out if split == 1 else torch.empty((split, 3, B * H * W), device=a.device, dtype=dt)
     _cos_fwd_kernel[(n_pblocks, B, split)](
@@ -264,7 +269,7 @@ def cosine_distance_triton_forward(
     )
     if split > 1:
         n = B * H * W
-        block = 1024 if not TRITON_INTERPRET else 256
+        block = finalize_block()
         _cos_finalize_kernel[(cdiv(n, block),)](
             part, out, coef, n, eps, SPLIT=split, WRITE_COEF=with_coef, ACC=acc, BLOCK=block, num_warps=4
         )
@@ -305,20 +310,107 @@ class _CosineDistanceTriton(torch.autograd.Function):
         return ga, gb, None
 
 
-def _run_torch(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
-    return cosine_distance_reference(a, b, eps)
+# --------------------------------------------------------------------------------------------
+# Launch configurations for the ahead-of-time compile check (fastuad.ops.compile_check)
+# --------------------------------------------------------------------------------------------
+
+# Multiprocessor counts the grid-size rules are planned for: H100 SXM and A100.
+PLANNED_SMS = (132, 108)
+# DESIGN.md's cosdist benchmark (fwd+bwd), B=32.
+COSDIST_WORKLOAD = (32, ((1024, 16, 16), (256, 64, 64)))
+# RD4AD's default model: EfficientNet-Lite0 levels at 256 px (training batches of 8 and 32).
+RD4AD_LEVELS = ((24, 64, 64), (40, 32, 32), (112, 16, 16))
+TARGET_DTYPES = (torch.float16, torch.float32)
+_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 
 
-def _run_triton(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
-    return _CosineDistanceTriton.apply(a, b, eps)
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
-COSINE_DISTANCE_BACKENDS: dict[str, Backend] = {
-    "torch": Backend("torch", _run_torch, devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES),
-    "triton": Backend(
-        "triton", _run_triton, devices=triton_devices(), dtypes=triton_dtypes(FLOAT_DTYPES), extra_reasons=triton_reasons
-    ),
-}
+def _strides(B: int, C: int, H: int, W: int) -> dict[str, int]:
+    return dict(zip(("b", "c", "h", "w"), (C * H * W, H * W, W, 1)))
+
+
+def forward_targets(
+    B: int, C: int, H: int, W: int, dtype: torch.dtype, *, with_coef: bool, workload: str, hot: bool, sms: int
+) -> list[CompileTarget]:
+    """The kernel launches of :func:`cosine_distance_triton_forward` on contiguous NCHW inputs."""
+    with gpu_configs():
+        block_p, block_c, warps, _, c_per_split, split = _forward_plan(B, C, H, W, torch.device("cuda"), None, sms)
+        fin_block = finalize_block()
+    st = _strides(B, C, H, W)
+    args = dict(
+        a_ptr=_PTR[dtype], b_ptr=_PTR[dtype], d_ptr="*fp32", coef_ptr="*fp32", C=C, H=H, W=W, C_PER_SPLIT=c_per_split,
+        **{f"sa_{k}": v for k, v in st.items()}, **{f"sb_{k}": v for k, v in st.items()}, eps=1e-8,
+    )
+    acc = acc_dtype(dtype)
+    name = _dtype_name(dtype)
+    cfg = f"{name} P{block_p} C{block_c} split{split}{' coef' if with_coef else ''} w{warps}"
+    targets = [
+        launch_target(
+            _cos_fwd_kernel, args,
+            dict(SPLIT=split, WRITE_COEF=with_coef, ACC=acc, BLOCK_C=block_c, BLOCK_P=block_p),
+            num_warps=warps, config=cfg, workload=workload, hot=hot,
+        )
+    ]
+    if split > 1:
+        targets.append(
+            launch_target(
+                _cos_finalize_kernel, dict(part_ptr="*fp32", d_ptr="*fp32", coef_ptr="*fp32", N=B * H * W, eps=1e-8),
+                dict(SPLIT=split, WRITE_COEF=with_coef, ACC=acc, BLOCK=fin_block),
+                num_warps=4, config=f"fp32 partials split{split} BLOCK{fin_block}{' coef' if with_coef else ''} w4",
+                workload=workload, hot=hot,
+            )
+        )
+    return targets
+
+
+def backward_targets(
+    B: int, C: int, H: int, W: int, dtype: torch.dtype, *, need_a: bool, need_b: bool, workload: str, hot: bool, sms: int
+) -> list[CompileTarget]:
+    """The launch of :func:`cosine_distance_triton_backward` on contiguous NCHW inputs."""
+    with gpu_configs():
+        block_p, block_c, warps = pixel_blocks(B, H * W, C, torch.device("cuda"), sms)
+    st = _strides(B, C, H, W)
+    args = dict(
+        a_ptr=_PTR[dtype], b_ptr=_PTR[dtype], g_ptr="*fp32", coef_ptr="*fp32",
+        ga_ptr=_PTR[dtype] if need_a else "*fp32", gb_ptr=_PTR[dtype] if need_b else "*fp32", C=C, H=H, W=W,
+        **{f"sa_{k}": v for k, v in st.items()}, **{f"sb_{k}": v for k, v in st.items()},
+    )
+    grads = "+".join(n for n, need in (("ga", need_a), ("gb", need_b)) if need)
+    return [
+        launch_target(
+            _cos_bwd_kernel, args,
+            dict(NEED_GA=need_a, NEED_GB=need_b, ACC=acc_dtype(dtype), BLOCK_C=block_c, BLOCK_P=block_p),
+            num_warps=warps, config=f"{_dtype_name(dtype)} P{block_p} C{block_c} {grads} w{warps}",
+            workload=workload, hot=hot,
+        )
+    ]
+
+
+def compile_targets() -> list[CompileTarget]:
+    """Every launch of the cosine_distance kernels for the DESIGN.md cosdist workload (hot) and
+    RD4AD's training loss (only the student's gradient), in fp16 and fp32, planned for the
+    multiprocessor counts of :data:`PLANNED_SMS`. The cosmap workloads' forward launches are in
+    :func:`fastuad.ops.cosmap.compile_targets`."""
+    targets: list[CompileTarget] = []
+    batch, maps = COSDIST_WORKLOAD
+    for sms in PLANNED_SMS:
+        for dtype in TARGET_DTYPES:
+            for c, h, w in maps:
+                wl = f"cosdist B{batch} C{c}x{h}x{w}"
+                targets += forward_targets(batch, c, h, w, dtype, with_coef=True, workload=wl, hot=True, sms=sms)
+                targets += backward_targets(batch, c, h, w, dtype, need_a=True, need_b=True, workload=wl, hot=True, sms=sms)
+            for b in (8, 32):
+                for c, h, w in RD4AD_LEVELS:
+                    wl = f"rd4ad loss B{b} C{c}x{h}x{w}"
+                    targets += forward_targets(b, c, h, w, dtype, with_coef=True, workload=wl, hot=False, sms=sms)
+                    targets += backward_targets(b, c, h, w, dtype, need_a=False, need_b=True, workload=wl, hot=False, sms=sms)
+    return targets
+
+
+COSINE_DISTANCE_BACKENDS = standard_backends(cosine_distance_reference, _CosineDistanceTriton.apply)
 
 
 def cosine_distance(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8, backend: str = "auto") -> torch.Tensor:

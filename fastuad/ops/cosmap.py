@@ -37,17 +37,11 @@ import torch
 import torch.nn.functional as F
 
 from fastuad.ops._cuda_ext import _C, cuda_ext_reasons
-from fastuad.ops._dispatch import (
-    HAS_TRITON,
-    TRITON_INTERPRET,
-    Backend,
-    select_backend,
-    triton_devices,
-    triton_dtypes,
-    triton_reasons,
-)
-from fastuad.ops._launch import cdiv, dot_precision
-from fastuad.ops._validate import FLOAT_DTYPES, check_positive_float, check_same, check_tensor, out_dtype
+from fastuad.ops import cosdist
+from fastuad.ops._compile import CompileTarget, launch_target
+from fastuad.ops._dispatch import HAS_TRITON, Backend, select_backend, standard_backends
+from fastuad.ops._launch import cdiv, dot_precision, dot_precision_for, gpu_configs, interpreter_configs
+from fastuad.ops._validate import check_positive_float, check_same, check_tensor
 from fastuad.ops.cosdist import cosine_distance_reference, cosine_distance_triton_forward
 
 if HAS_TRITON:
@@ -285,14 +279,14 @@ if HAS_TRITON:
 
 def _linear_tiles() -> tuple[int, int, int, int]:
     """(TY, TX, KC, num_warps) for the linear second stage."""
-    if TRITON_INTERPRET:
+    if interpreter_configs():
         return 32, 32, 32, 4
     return 64, 64, 32, 4
 
 
 def _stage2_tiles(blur: bool) -> tuple[int, int, int, int]:
     """(TY, TX, CH, num_warps) for the second stage."""
-    if TRITON_INTERPRET:
+    if interpreter_configs():
         return 32, 32, 32, 4
     return (64, 64, 32, 8) if blur else (32, 64, 32, 4)
 
@@ -414,7 +408,7 @@ def cosine_distance_map_triton(
         n_ty, n_tx = cdiv(size[0], ty), cdiv(size[1], tx)
         _cosmap_linear_kernel[(n_tx, n_ty, B)](
             dist, meta, lv, lh, band, out, size[0], size[1], n_ty, n_tx,
-            NUM_SCALES=len(feats_a), DOT_PRECISION=dot_precision(device), TY=ty, TX=tx, KC=kc, num_warps=warps,
+            NUM_SCALES=len(feats_a), DOT_PRECISION=dot_precision(device, dist.dtype), TY=ty, TX=tx, KC=kc, num_warps=warps,
         )
         return out
     blur = blur_sigma > 0
@@ -426,7 +420,7 @@ def cosine_distance_map_triton(
     _cosmap_gather_kernel[grid](
         dist, meta_i, meta_f, gauss if blur else dist, out, size[0], size[1], radius,
         NUM_SCALES=len(feats_a), REDUCTION=REDUCTIONS.index(reduction), BLUR=blur,
-        DOT_PRECISION=dot_precision(device), TY=ty, TX=tx, CH=ch, num_warps=warps,
+        DOT_PRECISION=dot_precision(device, dist.dtype), TY=ty, TX=tx, CH=ch, num_warps=warps,
     )
     return out
 
@@ -448,6 +442,90 @@ def cosine_distance_map_cuda(
     return _C.cosine_distance_map_forward(
         list(feats_a), list(feats_b), int(size[0]), int(size[1]), REDUCTIONS.index(reduction), gauss, EPS
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Launch configurations for the ahead-of-time compile check (fastuad.ops.compile_check)
+# --------------------------------------------------------------------------------------------
+
+# DESIGN.md's cosmap benchmark: B=32, three scales, out 256x256, sigma 4, fp16 and fp32.
+COSMAP_WORKLOAD = (32, ((256, 64, 64), (512, 32, 32), (1024, 16, 16)), 256)
+# RD4AD's map head on the default EfficientNet-Lite0: sum of three levels, sigma 4, 256 px.
+RD4AD_MAP = (cosdist.RD4AD_LEVELS, 256, "sum")
+# Stage 2 multiplies float32 operands (distances and folded matrices) whatever the features'
+# dtype; every architecture the compile check targets (sm_80+) gets the same precision.
+_STAGE2_PRECISION = dot_precision_for(torch.float32, (8, 0))
+
+
+def _stage2_targets(
+    B: int, num_scales: int, size: int, reduction: str, blur: bool, *, workload: str, hot: bool
+) -> list[CompileTarget]:
+    """The second-stage launch of :func:`cosine_distance_map_triton` for ``reduction``."""
+    if reduction != "prod":
+        with gpu_configs():
+            ty, tx, kc, warps = _linear_tiles()
+        n_ty, n_tx = cdiv(size, ty), cdiv(size, tx)
+        args = dict(
+            dist_ptr="*fp32", meta_i_ptr="*i32", lv_ptr="*fp32", lh_ptr="*fp32", band_ptr="*i32", out_ptr="*fp32",
+            OH=size, OW=size, N_TY=n_ty, N_TX=n_tx,
+        )
+        return [
+            launch_target(
+                _cosmap_linear_kernel, args,
+                dict(NUM_SCALES=num_scales, DOT_PRECISION=_STAGE2_PRECISION, TY=ty, TX=tx, KC=kc),
+                num_warps=warps, config=f"{num_scales} scales {ty}x{tx} KC{kc} {_STAGE2_PRECISION} w{warps}",
+                workload=workload, hot=hot,
+            )
+        ]
+    with gpu_configs():
+        ty, tx, ch, warps = _stage2_tiles(blur)
+    radius = gaussian_radius(4.0) if blur else 0
+    args = dict(
+        dist_ptr="*fp32", meta_i_ptr="*i32", meta_f_ptr="*fp32", g_ptr="*fp32", out_ptr="*fp32", OH=size, OW=size, R=radius
+    )
+    return [
+        launch_target(
+            _cosmap_gather_kernel, args,
+            dict(
+                NUM_SCALES=num_scales, REDUCTION=REDUCTIONS.index(reduction), BLUR=blur,
+                DOT_PRECISION=_STAGE2_PRECISION, TY=ty, TX=tx, CH=ch,
+            ),
+            num_warps=warps, config=f"{num_scales} scales prod{' blur' if blur else ''} {ty}x{tx} CH{ch} w{warps}",
+            workload=workload, hot=hot,
+        )
+    ]
+
+
+def _map_targets(
+    B: int, scales, size: int, reduction: str, blur: bool, dtype: torch.dtype, *, workload: str, hot: bool, sms: int
+) -> list[CompileTarget]:
+    targets = []
+    for c, h, w in scales:
+        targets += cosdist.forward_targets(B, c, h, w, dtype, with_coef=False, workload=workload, hot=hot, sms=sms)
+    return targets + _stage2_targets(B, len(scales), size, reduction, blur, workload=workload, hot=hot)
+
+
+def compile_targets() -> list[CompileTarget]:
+    """Every kernel launch of :func:`cosine_distance_map` (stage 1 is cosdist's forward) for:
+    the DESIGN.md cosmap workload (hot: mean, sigma 4, fp16 and fp32, B=32), the same scales for
+    one image (the channel-split path) and with ``reduction="prod"`` with and without blur, and
+    RD4AD's map head (EfficientNet-Lite0 levels, sum, sigma 4) for B=1, 8 and 32, planned for the
+    multiprocessor counts of :data:`fastuad.ops.cosdist.PLANNED_SMS`."""
+    batch, scales, size = COSMAP_WORKLOAD
+    levels, rd_size, rd_reduction = RD4AD_MAP
+    targets: list[CompileTarget] = []
+    for sms in cosdist.PLANNED_SMS:
+        for dtype in cosdist.TARGET_DTYPES:
+            name = str(dtype).replace("torch.", "")
+            targets += _map_targets(batch, scales, size, "mean", True, dtype, workload=f"cosmap B{batch} {name}", hot=True, sms=sms)
+            targets += _map_targets(1, scales, size, "mean", True, dtype, workload=f"cosmap B1 {name}", hot=False, sms=sms)
+            for blur in (True, False):
+                wl = f"cosmap B{batch} prod{' blur' if blur else ''} {name}"
+                targets += _map_targets(batch, scales, size, "prod", blur, dtype, workload=wl, hot=False, sms=sms)
+            for b in (1, 8, 32):
+                wl = f"rd4ad map B{b} {name}"
+                targets += _map_targets(b, levels, rd_size, rd_reduction, True, dtype, workload=wl, hot=False, sms=sms)
+    return targets
 
 
 # --------------------------------------------------------------------------------------------
@@ -514,14 +592,8 @@ def _run_torch(fa, fb, size, reduction, blur_sigma, gauss=None):
 
 
 COSINE_DISTANCE_MAP_BACKENDS: dict[str, Backend] = {
-    "torch": Backend("torch", _run_torch, devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES),
-    "triton": Backend(
-        "triton",
-        cosine_distance_map_triton,
-        devices=triton_devices(),
-        dtypes=triton_dtypes((torch.float16, torch.bfloat16, torch.float32)),
-        check=_fused_reasons,
-        extra_reasons=triton_reasons,
+    **standard_backends(
+        _run_torch, cosine_distance_map_triton, fused_dtypes=(torch.float16, torch.bfloat16, torch.float32), check=_fused_reasons
     ),
     "cuda": Backend(
         "cuda",

@@ -28,11 +28,8 @@ import torch
 from fastuad.ops._dispatch import (
     HAS_TRITON,
     TRITON_INTERPRET,
-    Backend,
     select_backend,
-    triton_devices,
-    triton_dtypes,
-    triton_reasons,
+    standard_backends,
 )
 from fastuad.ops._launch import cdiv, dot_precision, next_power_of_2
 from fastuad.ops._validate import check_tensor, out_dtype
@@ -203,7 +200,7 @@ def knn_triton(query: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.T
     kp, block_n, block_m, block_d, warps = _knn_blocks(k, dim)
     _knn_kernel[(cdiv(n, block_n),)](
         query, bank, q_sq, b_sq, dist, index, n, m, dim, k, *query.stride(), *bank.stride(),
-        DOT_PRECISION=dot_precision(query.device),
+        DOT_PRECISION=dot_precision(query.device, query.dtype),
         KP=kp, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
     )
     return dist, index
@@ -225,17 +222,9 @@ def _triton_check(tensors, k: int = 1, **_) -> list[str]:
     return reasons
 
 
-KNN_BACKENDS: dict[str, Backend] = {
-    "torch": Backend("torch", knn_reference, devices=("cpu", "cuda"), dtypes=_KNN_DTYPES),
-    "triton": Backend(
-        "triton",
-        knn_triton,
-        devices=triton_devices(),
-        dtypes=triton_dtypes(_FUSED_DTYPES),
-        check=_triton_check,
-        extra_reasons=triton_reasons,
-    ),
-}
+KNN_BACKENDS = standard_backends(
+    knn_reference, knn_triton, dtypes=_KNN_DTYPES, fused_dtypes=_FUSED_DTYPES, check=_triton_check
+)
 
 
 def knn(query: torch.Tensor, bank: torch.Tensor, k: int = 1, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:

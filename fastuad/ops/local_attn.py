@@ -44,13 +44,10 @@ import torch
 from fastuad.ops._dispatch import (
     HAS_TRITON,
     TRITON_INTERPRET,
-    Backend,
     select_backend,
-    triton_devices,
-    triton_dtypes,
-    triton_reasons,
+    standard_backends,
 )
-from fastuad.ops._validate import FLOAT_DTYPES, check_positive_float, check_tensor, out_dtype
+from fastuad.ops._validate import check_positive_float, check_tensor, out_dtype
 from fastuad.ops._launch import cdiv, dot_precision, next_power_of_2
 
 if HAS_TRITON:
@@ -483,9 +480,8 @@ def _launch_meta(q: torch.Tensor, mode: str, blocks: tuple[int, int] | None) -> 
     block_m, block_n, warps, stages = attention_blocks(q.dtype, D)
     if blocks is not None:
         block_m, block_n = blocks
-    # fp32 products as accurate as the reference; for 16-bit inputs the setting has no effect
-    # (Triton's default is passed) and float64 does not use tl.dot.
-    precision = dot_precision(q.device) if q.dtype == torch.float32 else "tf32"
+    # One rule for every op (fastuad.ops._launch.dot_precision_for); float64 does not use tl.dot.
+    precision = dot_precision(q.device, q.dtype)
     return dict(
         MODE=MODE_IDS[mode], FP64=q.dtype == torch.float64, PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, next_power_of_2(D)), num_warps=warps, num_stages=stages,
@@ -570,26 +566,12 @@ def _run_torch(q, k, v, radii, mode, scale):
     return local_attention_reference(q, k, v, (2 * radii[0] + 1, 2 * radii[1] + 1), mode, scale)
 
 
-def _run_triton(q, k, v, radii, mode, scale):
-    return _LocalAttentionTriton.apply(q, k, v, radii, mode, scale)
-
-
 def _triton_reasons(tensors, **_) -> list[str]:
     d = tensors[0].shape[-1]
     return [f"triton supports head dims up to {MAX_HEAD_DIM}, got {d}"] if d > MAX_HEAD_DIM else []
 
 
-LOCAL_ATTENTION_BACKENDS: dict[str, Backend] = {
-    "torch": Backend("torch", _run_torch, devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES),
-    "triton": Backend(
-        "triton",
-        _run_triton,
-        devices=triton_devices(),
-        dtypes=triton_dtypes(FLOAT_DTYPES),
-        check=_triton_reasons,
-        extra_reasons=triton_reasons,
-    ),
-}
+LOCAL_ATTENTION_BACKENDS = standard_backends(_run_torch, _LocalAttentionTriton.apply, check=_triton_reasons)
 
 
 def local_attention(

@@ -38,14 +38,11 @@ import torch.nn.functional as F
 from fastuad.ops._dispatch import (
     HAS_TRITON,
     TRITON_INTERPRET,
-    Backend,
     select_backend,
-    triton_devices,
-    triton_dtypes,
-    triton_reasons,
+    standard_backends,
 )
 from fastuad.ops._launch import acc_dtype, cdiv, dot_precision, next_power_of_2, num_sms
-from fastuad.ops._validate import FLOAT_DTYPES, check_positive_float, check_tensor, out_dtype
+from fastuad.ops._validate import check_positive_float, check_tensor, out_dtype
 
 if HAS_TRITON:
     import triton
@@ -412,7 +409,7 @@ class _Plan:
         self.block_n, self.block_m, self.block_d, self.warps = _blocks(self.dim)
         self.classed = memory.dim() == 3
         self.acc = acc_dtype(query.dtype)
-        self.precision = "ieee" if query.dtype == torch.float64 else dot_precision(query.device)
+        self.precision = dot_precision(query.device, query.dtype)
         dev = query.device
         mem3 = memory if memory.dim() == 3 else memory.unsqueeze(0)
         self.mem_strides = mem3.stride()
@@ -542,14 +539,6 @@ class _MemoryReadTriton(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 
 
-def _run_torch(query, memory, class_index, similarity, temperature, shrink_threshold, return_weights):
-    return memory_read_reference(query, memory, class_index, similarity, temperature, shrink_threshold, return_weights)
-
-
-def _run_triton(query, memory, class_index, similarity, temperature, shrink_threshold, return_weights):
-    return _MemoryReadTriton.apply(query, memory, class_index, similarity, temperature, shrink_threshold, return_weights)
-
-
 def _triton_check(tensors, **_) -> list[str]:
     dim = tensors[0].shape[-1]
     if dim > MAX_FEATURE_DIM:
@@ -557,17 +546,7 @@ def _triton_check(tensors, **_) -> list[str]:
     return []
 
 
-MEMORY_READ_BACKENDS: dict[str, Backend] = {
-    "torch": Backend("torch", _run_torch, devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES),
-    "triton": Backend(
-        "triton",
-        _run_triton,
-        devices=triton_devices(),
-        dtypes=triton_dtypes(FLOAT_DTYPES),
-        check=_triton_check,
-        extra_reasons=triton_reasons,
-    ),
-}
+MEMORY_READ_BACKENDS = standard_backends(memory_read_reference, _MemoryReadTriton.apply, check=_triton_check)
 
 
 def _check_class_index(class_index, memory: torch.Tensor, n: int) -> None:
