@@ -144,11 +144,11 @@ GPU_PLANS = [
 def test_gpu_launch_configuration_matches_reference(monkeypatch, shape, sms, plan, dtype):
     """Forward and backward at the tiles, warps and splits a GPU with ``sms`` multiprocessors gets."""
     from fastuad.ops import cosdist
-    from fastuad.ops._launch import gpu_configs
+    from fastuad.ops._launch import gpu_tiles
 
     monkeypatch.setattr(cosdist, "num_sms", lambda device: sms)
     B, C, H, W = shape
-    with gpu_configs():
+    with gpu_tiles():
         bp, bc, warps, _, _, split = cosdist._forward_plan(B, C, H, W, torch.device(TRITON_DEVICE), None)
         assert (bp, bc, warps, split) == plan
         a, b = _pair(shape, dtype, TRITON_DEVICE, seed=3)

@@ -215,13 +215,13 @@ def test_bad_input_names_the_argument(make, kwargs, exc, match):
     [("mean", 4.0, (130, 70)), ("sum", 0.0, (70, 97)), ("prod", 1.0, (70, 75)), ("prod", 0.0, (40, 130))],
 )
 def test_gpu_tiles_match_reference(reduction, sigma, out_size):
-    """Stage 2 at its GPU tiles (64x64 linear, 64x64 / 32x64 gather): several tiles, partial edges."""
+    """Stage 2 at its GPU tiles (64x64 linear with 16-wide K chunks, 64x64 / 32x64 gather): several tiles, partial edges."""
     from fastuad.ops import cosmap
-    from fastuad.ops._launch import gpu_configs
+    from fastuad.ops._launch import gpu_tiles
 
     fa, fb = _features([(20, 16, 12), (40, 8, 6), (300, 4, 3)], batch=1, device=TRITON_DEVICE, seed=11)
-    with gpu_configs():
-        assert cosmap._linear_tiles() == (64, 64, 32, 4)
+    with gpu_tiles():
+        assert cosmap._linear_tiles() == (64, 64, 16, 8)
         assert cosmap._stage2_tiles(True) == (64, 64, 32, 8) and cosmap._stage2_tiles(False) == (32, 64, 32, 4)
         got = cosine_distance_map(fa, fb, out_size=out_size, reduction=reduction, blur_sigma=sigma, backend="triton")
     want = cosine_distance_map_reference(

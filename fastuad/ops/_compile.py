@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CompileTarget", "launch_target"]
+__all__ = ["CompileTarget", "launch_target", "signature"]
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,10 @@ class CompileTarget:
     ``"*fp32"``, ``"*i64"``, ``"i32"``, ``"i64"``, ``"fp32"``, ``"constexpr"``); ``constexprs``
     gives the value of each constexpr argument. ``config`` is a short human-readable label
     (dtype, tiles, warps, stages, flags); ``workload`` names the shape it was derived from.
+    ``divisible_by_16`` names the arguments a real launch of that workload sees as multiples of
+    16 (pointers 16-byte aligned, ints divisible by 16), which Triton's JIT specialises on:
+    without them a compile misses the vectorised loads and pipelining the GPU gets, and reports
+    far more registers than the launch uses. Pass them to ``ASTSource`` as :meth:`attrs`.
     """
 
     kernel: Any  # triton JITFunction
@@ -34,16 +38,34 @@ class CompileTarget:
     workload: str
     hot: bool = False
     options: dict[str, Any] = field(default_factory=dict)
-    # Argument names whose runtime value is a multiple of 16 (Triton's ``tt.divisibility``
-    # specialisation). The compile check assumes it for every pointer argument anyway: torch
-    # allocations are 16-byte aligned.
     divisible_by_16: tuple[str, ...] = ()
+
+    def attrs(self) -> dict[tuple[int, ...], list]:
+        """``ASTSource(..., attrs=)``: ``tt.divisibility = 16`` on the arguments in ``divisible_by_16``."""
+        names = list(self.kernel.arg_names)
+        return {(names.index(n),): [["tt.divisibility", 16]] for n in self.divisible_by_16}
 
     @property
     def name(self) -> str:
         """The kernel's Python function name."""
         fn = getattr(self.kernel, "fn", self.kernel)
         return getattr(fn, "__name__", str(fn))
+
+
+def signature(kernel: Any, types: dict[str, str], constexprs: dict[str, Any]) -> dict[str, str]:
+    """A kernel's full ``signature`` for :class:`CompileTarget`, in argument order.
+
+    ``types`` maps the runtime arguments (pointers and scalars) to Triton types; every name in
+    ``constexprs`` becomes ``"constexpr"``. A missing or unknown name raises, so a kernel whose
+    arguments change cannot silently drift from its compile targets.
+    """
+    names = list(kernel.arg_names)
+    extra = set(types) | set(constexprs)
+    unknown = extra - set(names)
+    missing = [n for n in names if n not in extra]
+    if unknown or missing:
+        raise ValueError(f"signature of {getattr(kernel, '__name__', kernel)}: unknown {sorted(unknown)}, missing {missing}")
+    return {n: ("constexpr" if n in constexprs else types[n]) for n in names}
 
 
 def launch_target(
@@ -60,10 +82,14 @@ def launch_target(
     """A :class:`CompileTarget` specialised as Triton's launcher specialises a real call.
 
     ``args`` gives every non-constexpr argument: a pointer as its Triton type (``"*fp16"``),
-    a scalar as the value the launcher would pass. Integers are typed as the runtime types them:
-    ``1`` becomes a constexpr, others ``i32`` (``i64`` from 2**31 on) and multiples of 16 are
-    marked divisible; floats are ``fp32``. ``num_stages`` defaults to Triton's default, 3.
+    a scalar as the value the launcher would pass. Arguments are typed as Triton's JIT types a
+    real call: pointers are marked 16-byte aligned (as torch allocates), the integer ``1``
+    becomes a constexpr, other integers ``i32`` (``i64`` from 2**31 on) with multiples of 16
+    marked divisible, floats ``fp32``. ``num_stages`` defaults to Triton's default, 3.
     """
+    unknown = (set(args) | set(constexprs)) - set(kernel.arg_names)
+    if unknown:
+        raise KeyError(f"{getattr(kernel, '__name__', kernel)} has no arguments {sorted(unknown)}")
     signature: dict[str, str] = {}
     consts = dict(constexprs)
     divisible = []
@@ -76,6 +102,8 @@ def launch_target(
         value = args[name]
         if isinstance(value, str):
             signature[name] = value
+            if value.startswith("*"):
+                divisible.append(name)  # torch allocations are 16-byte aligned
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"argument {name!r}: give a pointer type string, an int or a float, got {value!r}")
         elif isinstance(value, float):

@@ -28,6 +28,27 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+_FORCE_GPU_TILES = False
+
+
+def interpreter_tiles() -> bool:
+    """Whether launchers pick the interpreter's small tiles: under ``TRITON_INTERPRET``, unless
+    :func:`gpu_tiles` forces the GPU configuration."""
+    return TRITON_INTERPRET and not _FORCE_GPU_TILES
+
+
+@contextlib.contextmanager
+def gpu_tiles() -> Iterator[None]:
+    """Inside the block, launchers choose their GPU launch configuration (tiles, warps, stages)
+    even under the interpreter: tests use it to check the numbers of the code path a GPU runs."""
+    global _FORCE_GPU_TILES
+    saved, _FORCE_GPU_TILES = _FORCE_GPU_TILES, True
+    try:
+        yield
+    finally:
+        _FORCE_GPU_TILES = saved
+
+
 @functools.lru_cache(maxsize=8)
 def num_sms(device: torch.device) -> int:
     """Multiprocessors of a CUDA device; a plausible GPU size (132) under the interpreter."""
@@ -71,26 +92,3 @@ def dot_precision(device: torch.device, dtype: torch.dtype) -> str:
     if TRITON_INTERPRET or device.type != "cuda":
         return "ieee"
     return dot_precision_for(dtype, _capability(device))
-
-
-_FORCE_GPU_CONFIGS = 0
-
-
-def interpreter_configs() -> bool:
-    """True when launchers should pick the interpreter's small tiles (under ``TRITON_INTERPRET``).
-
-    :func:`gpu_configs` turns it off, so tests run the tile sizes, warps and flags a GPU would
-    get on small problems under the interpreter.
-    """
-    return TRITON_INTERPRET and not _FORCE_GPU_CONFIGS
-
-
-@contextlib.contextmanager
-def gpu_configs() -> Iterator[None]:
-    """Inside the block, launch heuristics choose their GPU configuration even under the interpreter."""
-    global _FORCE_GPU_CONFIGS
-    _FORCE_GPU_CONFIGS += 1
-    try:
-        yield
-    finally:
-        _FORCE_GPU_CONFIGS -= 1

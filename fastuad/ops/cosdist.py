@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from fastuad.ops._compile import CompileTarget, launch_target
 from fastuad.ops._dispatch import HAS_TRITON, select_backend, standard_backends
-from fastuad.ops._launch import acc_dtype, cdiv, gpu_configs, interpreter_configs, next_power_of_2, num_sms
+from fastuad.ops._launch import acc_dtype, cdiv, gpu_tiles, interpreter_tiles, next_power_of_2, num_sms
 from fastuad.ops._validate import FLOAT_DTYPES, check_positive_float, check_same, check_tensor, out_dtype
 
 if HAS_TRITON:
@@ -199,10 +199,10 @@ def pixel_blocks(num_images: int, hw: int, channels: int, device: torch.device, 
     rows win at every size; grids of many programs want short channel chunks and 4 warps,
     grids of a few programs per multiprocessor want 32-channel chunks, and 8 warps when the
     grid has fewer than four programs per multiprocessor. The interpreter wants few, large blocks
-    (unless :func:`fastuad.ops._launch.gpu_configs` is active). ``sms`` overrides the device's
+    (unless :func:`fastuad.ops._launch.gpu_tiles` is active). ``sms`` overrides the device's
     multiprocessor count (the compile check plans for a GPU it does not have).
     """
-    if interpreter_configs():
+    if interpreter_tiles():
         return 64, 16, 4
     block_p = min(32, next_power_of_2(hw))
     programs = num_images * cdiv(hw, block_p)
@@ -220,7 +220,7 @@ def channel_splits(programs: int, channels: int, block_c: int, device: torch.dev
     keeps at least four channel chunks; at most 16 splits. Under the interpreter the split path
     is taken whenever there are enough channels, so the CPU tests cover it.
     """
-    if interpreter_configs():
+    if interpreter_tiles():
         return 2 if channels >= 8 * block_c else 1
     sms = num_sms(device) if sms is None else sms
     if 2 * programs >= sms:
@@ -230,7 +230,7 @@ def channel_splits(programs: int, channels: int, block_c: int, device: torch.dev
 
 def finalize_block() -> int:
     """Pixels per program of :func:`_cos_finalize_kernel`."""
-    return 256 if interpreter_configs() else 1024
+    return 256 if interpreter_tiles() else 1024
 
 
 def _forward_plan(B: int, C: int, H: int, W: int, device: torch.device, split: int | None, sms: int | None = None):
@@ -336,7 +336,7 @@ def forward_targets(
     B: int, C: int, H: int, W: int, dtype: torch.dtype, *, with_coef: bool, workload: str, hot: bool, sms: int
 ) -> list[CompileTarget]:
     """The kernel launches of :func:`cosine_distance_triton_forward` on contiguous NCHW inputs."""
-    with gpu_configs():
+    with gpu_tiles():
         block_p, block_c, warps, _, c_per_split, split = _forward_plan(B, C, H, W, torch.device("cuda"), None, sms)
         fin_block = finalize_block()
     st = _strides(B, C, H, W)
@@ -370,7 +370,7 @@ def backward_targets(
     B: int, C: int, H: int, W: int, dtype: torch.dtype, *, need_a: bool, need_b: bool, workload: str, hot: bool, sms: int
 ) -> list[CompileTarget]:
     """The launch of :func:`cosine_distance_triton_backward` on contiguous NCHW inputs."""
-    with gpu_configs():
+    with gpu_tiles():
         block_p, block_c, warps = pixel_blocks(B, H * W, C, torch.device("cuda"), sms)
     st = _strides(B, C, H, W)
     args = dict(
@@ -390,8 +390,9 @@ def backward_targets(
 
 
 def compile_targets() -> list[CompileTarget]:
-    """Every launch of the cosine_distance kernels for the DESIGN.md cosdist workload (hot) and
-    RD4AD's training loss (only the student's gradient), in fp16 and fp32, planned for the
+    """Every launch of the cosine_distance kernels for the DESIGN.md cosdist workload (hot), its
+    maps for one image (channel splits) and RD4AD's training loss (only the student's gradient)
+    for B=8 and 32, in fp16 and fp32, planned for the
     multiprocessor counts of :data:`PLANNED_SMS`. The cosmap workloads' forward launches are in
     :func:`fastuad.ops.cosmap.compile_targets`."""
     targets: list[CompileTarget] = []
@@ -402,6 +403,10 @@ def compile_targets() -> list[CompileTarget]:
                 wl = f"cosdist B{batch} C{c}x{h}x{w}"
                 targets += forward_targets(batch, c, h, w, dtype, with_coef=True, workload=wl, hot=True, sms=sms)
                 targets += backward_targets(batch, c, h, w, dtype, need_a=True, need_b=True, workload=wl, hot=True, sms=sms)
+            for c, h, w in maps:  # one image: the channel-split forward and its finalize kernel
+                wl = f"cosdist B1 C{c}x{h}x{w}"
+                targets += forward_targets(1, c, h, w, dtype, with_coef=True, workload=wl, hot=False, sms=sms)
+                targets += backward_targets(1, c, h, w, dtype, need_a=True, need_b=True, workload=wl, hot=False, sms=sms)
             for b in (8, 32):
                 for c, h, w in RD4AD_LEVELS:
                     wl = f"rd4ad loss B{b} C{c}x{h}x{w}"

@@ -40,7 +40,7 @@ from fastuad.ops._cuda_ext import _C, cuda_ext_reasons
 from fastuad.ops import cosdist
 from fastuad.ops._compile import CompileTarget, launch_target
 from fastuad.ops._dispatch import HAS_TRITON, Backend, select_backend, standard_backends
-from fastuad.ops._launch import cdiv, dot_precision, dot_precision_for, gpu_configs, interpreter_configs
+from fastuad.ops._launch import cdiv, dot_precision, dot_precision_for, gpu_tiles, interpreter_tiles
 from fastuad.ops._validate import check_positive_float, check_same, check_tensor
 from fastuad.ops.cosdist import cosine_distance_reference, cosine_distance_triton_forward
 
@@ -278,15 +278,21 @@ if HAS_TRITON:
 
 
 def _linear_tiles() -> tuple[int, int, int, int]:
-    """(TY, TX, KC, num_warps) for the linear second stage."""
-    if interpreter_configs():
+    """(TY, TX, KC, num_warps) for the linear second stage.
+
+    64x64 output tiles won the H100 sweep (Triton 3.6, KC=32, 4 warps: 36.6 us). Under Triton
+    3.8 that configuration needs 255 registers and an 80-byte stack frame for sm_90 (3xTF32
+    keeps three operand copies live); 16-wide K chunks on 8 warps take 176 registers and no
+    stack (``python -m fastuad.ops.compile_check --kernel _cosmap_linear``).
+    """
+    if interpreter_tiles():
         return 32, 32, 32, 4
-    return 64, 64, 32, 4
+    return 64, 64, 16, 8
 
 
 def _stage2_tiles(blur: bool) -> tuple[int, int, int, int]:
     """(TY, TX, CH, num_warps) for the second stage."""
-    if interpreter_configs():
+    if interpreter_tiles():
         return 32, 32, 32, 4
     return (64, 64, 32, 8) if blur else (32, 64, 32, 4)
 
@@ -462,7 +468,7 @@ def _stage2_targets(
 ) -> list[CompileTarget]:
     """The second-stage launch of :func:`cosine_distance_map_triton` for ``reduction``."""
     if reduction != "prod":
-        with gpu_configs():
+        with gpu_tiles():
             ty, tx, kc, warps = _linear_tiles()
         n_ty, n_tx = cdiv(size, ty), cdiv(size, tx)
         args = dict(
@@ -477,7 +483,7 @@ def _stage2_targets(
                 workload=workload, hot=hot,
             )
         ]
-    with gpu_configs():
+    with gpu_tiles():
         ty, tx, ch, warps = _stage2_tiles(blur)
     radius = gaussian_radius(4.0) if blur else 0
     args = dict(
