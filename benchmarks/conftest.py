@@ -17,7 +17,9 @@ Rounds follow pytest-benchmark's own options: ``max(--benchmark-min-rounds,
 benchmark runs at most ``--benchmark-min-rounds`` rounds and no warm-up (its times mean
 nothing; it proves the code path).
 
-``--fastuad-results PATH`` writes every record, the environment and the skips to one JSON file;
+``--fastuad-results PATH`` writes every record, the environment and the skips to one JSON file,
+headed by the git commit measured (``git_commit``) and whether the tree had uncommitted changes
+(``git_dirty``);
 a compact table is printed at the end of every session.
 
 Environment: ``FASTUAD_PEAK_GBPS`` (the device's peak memory bandwidth in GB/s, e.g. 3350 for an
@@ -106,6 +108,18 @@ def git_commit() -> str | None:
     return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
+def git_dirty() -> bool | None:
+    """Whether the work tree the benchmarks ran from has uncommitted changes to tracked files."""
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=Path(__file__).parent, capture_output=True, text=True, timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
 def environment(store: ResultStore | None = None) -> dict[str, Any]:
     """What the results were measured on (no host name)."""
     import fastuad  # noqa: PLC0415
@@ -122,6 +136,7 @@ def environment(store: ResultStore | None = None) -> dict[str, Any]:
         "cuda_available": cuda,
         "fastuad": getattr(fastuad, "__version__", None),
         "git_commit": git_commit(),
+        "git_dirty": git_dirty(),
         "python": platform.python_version(),
         "platform": platform.platform(terse=True),
         "triton_interpret": triton_interpret(),
@@ -386,7 +401,15 @@ def pytest_sessionfinish(session, exitstatus):
     store = session.config.stash.get(STORE_KEY, None)
     if store is None:
         return
-    doc = {"environment": environment(store), "records": store.records, "skipped": store.skipped}
+    env = environment(store)
+    # The commit at the top level too: a result file says which code it measured at a glance.
+    doc = {
+        "git_commit": env["git_commit"],
+        "git_dirty": env["git_dirty"],
+        "environment": env,
+        "records": store.records,
+        "skipped": store.skipped,
+    }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
