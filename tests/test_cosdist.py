@@ -141,7 +141,8 @@ GPU_PLANS = [
 
 @pytest.mark.parametrize(
     "shape, sms, plan, dtype",
-    [(*p, torch.float32) for p in GPU_PLANS] + [(*p, dt) for p in GPU_PLANS[2:] for dt in float_dtypes_for_triton()[1:]],
+    [pytest.param(*p, torch.float32, id=f"sms{p[1]}-{p[0]}-fp32") for p in GPU_PLANS]
+    + [pytest.param(*p, dt, id=f"sms{p[1]}-{p[0]}-{str(dt)[6:]}") for p in GPU_PLANS[2:] for dt in float_dtypes_for_triton()[1:]],
 )
 def test_gpu_launch_configuration_matches_reference(monkeypatch, shape, sms, plan, dtype):
     """Forward and backward at the tiles, warps and splits a GPU with ``sms`` multiprocessors gets."""
