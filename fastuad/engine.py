@@ -1,8 +1,9 @@
 """Training, evaluation, checkpoints and prediction for the registered models.
 
 - :func:`train` runs a seeded training loop (AMP on CUDA only, tqdm bars), writes a checkpoint
-  after every epoch atomically (``*.tmp`` then ``os.replace``), resumes from ``last.pt`` and
-  evaluates at the end.
+  after every epoch atomically (a unique temporary file in the same folder, flushed and
+  fsynced, then ``os.replace``), resumes from ``last.pt`` and evaluates at the end. It refuses
+  an output folder that already holds files unless asked to ``resume`` or ``overwrite``.
 - :func:`evaluate` collects maps and scores over a test set and scores them with
   :func:`fastuad.metrics.evaluate_per_class`.
 - :func:`predict` writes a heatmap overlay PNG per image and a CSV of image scores.
@@ -17,9 +18,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import os
 import random
 import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -34,6 +37,7 @@ from fastuad.models import TrainRecipe, create_model
 from fastuad.models.recipe import build_optimizer, build_scheduler
 
 __all__ = [
+    "CheckpointWriteError",
     "EngineError",
     "TrainConfig",
     "format_table",
@@ -55,12 +59,18 @@ class EngineError(FastUADError, ValueError):
     """A user-facing error: bad path, wrong device, checkpoint that does not fit."""
 
 
+class CheckpointWriteError(FastUADError, OSError):
+    """A checkpoint could not be written (full disk, no permission); the previous file is intact."""
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Everything ``fastuad train`` takes. ``model_args`` are extra ``create_model`` overrides.
 
     ``backbone`` and ``image_size`` default to the preset's; ``epochs``, ``batch_size`` and
-    ``lr`` default to the model's :class:`~fastuad.models.TrainRecipe`.
+    ``lr`` default to the model's :class:`~fastuad.models.TrainRecipe`. An ``out`` folder that
+    already holds files is refused unless ``resume`` (continue from its ``last.pt``) or
+    ``overwrite`` (delete its checkpoints first) is set.
     """
 
     model: str
@@ -76,6 +86,7 @@ class TrainConfig:
     weights: str | None = None
     device: str = "auto"
     resume: bool = False
+    overwrite: bool = False
     lr: float | None = None
     seed: int = 0
     workers: int | None = None
@@ -117,18 +128,38 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def _loader(dataset, batch_size: int, shuffle: bool, seed: int, workers: int | None, device: torch.device):
+    """A seeded DataLoader whose batches leave out items that failed to decode (``None`` if all did)."""
+    from fastuad.data import collate_skip_unreadable
+
     if workers is None:
         workers = 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
-    return torch.utils.data.DataLoader(
+    return _Batches(torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
         num_workers=workers,
+        collate_fn=collate_skip_unreadable,
         pin_memory=device.type == "cuda",
         worker_init_fn=_seed_worker,
         generator=torch.Generator().manual_seed(seed),
         drop_last=False,
-    )
+    ))
+
+
+class _Batches:
+    """A DataLoader that leaves out the batches none of whose images decoded (``None``)."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader) -> None:
+        self.loader = loader
+
+    def __iter__(self):
+        return (batch for batch in self.loader if batch is not None)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str):
+        return getattr(self.loader, name)
 
 
 def _build_dataset(name: str, root: str, split: str, classes: Sequence[str] | None, image_size: int):
@@ -170,7 +201,7 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, epoch: int, extra: dict | None = None) -> Path:
-    """Write a checkpoint atomically: ``path.tmp`` first, then ``os.replace`` onto ``path``."""
+    """Write a checkpoint atomically (see :func:`write_atomic`)."""
     path = Path(path)
     ckpt = {
         "format": CHECKPOINT_FORMAT,
@@ -181,10 +212,47 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         "epoch": int(epoch),
         **(extra or {}),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, ckpt)
     return path
+
+
+def write_atomic(path: str | Path, obj) -> None:
+    """``torch.save(obj)`` to a unique temporary file beside ``path``, flush and fsync it, then
+    ``os.replace`` it onto ``path``.
+
+    A crash or a full disk at any point leaves either the old ``path`` or the new one, never a
+    truncated file, and no temporary file behind; a failed write raises
+    :class:`CheckpointWriteError` naming ``path``.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(exc, (OSError, RuntimeError)):  # torch.save reports write errors as RuntimeError
+            reason = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            error = CheckpointWriteError(f"cannot write checkpoint {path}: {reason}")
+            error.errno = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
+            raise error from exc
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -228,10 +296,44 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", model:
     return model_from_checkpoint(ckpt, device, path), ckpt
 
 
+_EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt")
+
+
+def _epoch_files(out: Path) -> list[Path]:
+    """``epoch_N.pt`` files of ``out`` ordered by epoch number (``epoch_999`` before ``epoch_1000``)."""
+    found = [(int(m.group(1)), p) for p in out.glob("epoch_*.pt") if (m := _EPOCH_FILE.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
 def _prune(out: Path, keep: int) -> None:
-    epochs = sorted(out.glob("epoch_*.pt"))
+    """Delete all but the ``keep`` latest epoch checkpoints."""
+    epochs = _epoch_files(out)
     for old in epochs[: max(0, len(epochs) - keep)]:
         old.unlink(missing_ok=True)
+
+
+def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
+    """Create ``out``; refuse one that holds files unless resuming or overwriting.
+
+    Overwriting deletes the old run's checkpoints (``last.pt``, ``epoch_N.pt``) so that pruning
+    never keeps an old run's epochs in place of the new one's.
+    """
+    try:
+        if out.exists() and not out.is_dir():
+            raise EngineError(f"output path {out} exists and is not a folder")
+        held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+        if held and not resume and not overwrite:
+            shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+            raise EngineError(
+                f"output folder {out} is not empty ({shown}): pass --resume to continue its run, "
+                f"--overwrite to replace it, or choose another --out"
+            )
+        if held and overwrite and not resume:
+            for old in [out / "last.pt", *_epoch_files(out)]:
+                old.unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+    except PermissionError as exc:
+        raise EngineError(f"cannot write to output folder {out}: permission denied") from exc
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,7 +387,7 @@ def train(cfg: TrainConfig) -> dict:
     scheduler = build_scheduler(optimizer, recipe, steps_per_epoch) if optimizer is not None else None
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    _prepare_out(out, cfg.resume, cfg.overwrite)
     last = out / "last.pt"
     start_epoch, history = 0, []
     if cfg.resume and last.is_file():
@@ -306,6 +408,7 @@ def train(cfg: TrainConfig) -> dict:
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("progress",)}
     settings["recipe"] = recipe.as_dict()
     started = time.perf_counter()
+    epochs_run = 0
     for epoch in range(start_epoch, recipe.epochs):
         fit_memory(model, train_set, epoch, recipe, cfg, device)
         loss_value = _train_epoch(model, train_set, epoch, recipe, cfg, device, optimizer, scheduler, scaler) if params else 0.0
@@ -320,12 +423,17 @@ def train(cfg: TrainConfig) -> dict:
         save_checkpoint(out / f"epoch_{epoch + 1:03d}.pt", model, optimizer, epoch + 1, extra)
         save_checkpoint(last, model, optimizer, epoch + 1, extra)
         _prune(out, cfg.keep)
+        epochs_run += 1
         print(f"epoch {epoch + 1}/{recipe.epochs}: loss {history[-1]:.4f} ({time.perf_counter() - started:.0f} s)")
+    if start_epoch >= recipe.epochs:
+        print(f"{last} already holds epoch {start_epoch} of {recipe.epochs}: nothing to train")
     result = {
         "checkpoint": str(last),
         "history": history,
         "train_seconds": time.perf_counter() - started,
-        "epochs_run": recipe.epochs - start_epoch,
+        "start_epoch": start_epoch,
+        "epochs_run": epochs_run,
+        "epochs": recipe.epochs,
         "recipe": recipe.as_dict(),
     }
     if cfg.evaluate:
@@ -459,7 +567,10 @@ def predict(
     device = torch.device(device)
     size = int(model.config["image_size"])
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EngineError(f"cannot create output folder {out}: {exc.strerror or exc}") from exc
     model.eval()
     maps, scores, rgbs = [], [], []
     for i in _progress(range(0, len(images), batch_size), progress, desc="predict"):
