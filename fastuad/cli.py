@@ -97,13 +97,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         keep=args.keep,
         evaluate=not args.no_eval,
         progress=not args.no_progress,
+        model_args=_model_args(args),
     )
     result = train(cfg)
+    if result.get("rank", 0) != 0:  # torchrun: rank 0 reports for all
+        return 0
     print(_trained_line(result))
     if "metrics" in result:
         print(format_table(result["metrics"]))
         _write_json(result["metrics"], args.json)
     return 0
+
+
+def _model_args(args: argparse.Namespace) -> dict:
+    """Model overrides given as their own flags (only those the user set)."""
+    extra = {}
+    if args.coreset_ratio is not None:
+        if not 0 < args.coreset_ratio <= 1:
+            raise _UserError(f"--coreset-ratio must lie in (0, 1], got {args.coreset_ratio}")
+        extra["coreset_ratio"] = args.coreset_ratio
+    return extra
 
 
 def _trained_line(result: dict) -> str:
@@ -230,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--keep", type=int, default=1, help="epoch_NNN.pt files kept besides last.pt")
     train.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     train.add_argument("--json", default=None, help="write the final metrics to this JSON file")
+    train.add_argument("--coreset-ratio", type=float, default=None, help="patchcore: fraction of the patch features its memory bank keeps (default 0.1)")
     _common(train, batch_size=None)
     train.set_defaults(func=cmd_train)
 
