@@ -164,7 +164,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="fastuad-demo-"))
     start = time.perf_counter()
     print(f"fastuad demo: {DEMO_CLASSES_NOTE}; working in {work}")
-    root = make_demo_dataset(work / "data", seed=args.seed, image_size=args.image_size)
+    try:
+        root = make_demo_dataset(work / "data", seed=args.seed, image_size=args.image_size)
+    except OSError as exc:  # an --out the user cannot write to
+        raise _UserError(f"cannot write the demo data set under {work}: {exc.strerror or exc}") from exc
     print(f"1/4 demo data set written to {root} ({time.perf_counter() - start:.0f} s)")
     epochs = "the recipe's" if args.epochs is None else args.epochs
     print(f"2/4 training {args.model} (efficientnet_lite0, ImageNet weights) on all classes at once, {epochs} epochs on {device}")
@@ -208,7 +211,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _common(p: argparse.ArgumentParser, batch_size: int | None = 16) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when visible)")
-    help_ = "images per batch" if batch_size is not None else "images per batch (default: the model's recipe)"
+    help_ = "images per batch" if batch_size is not None else "images per batch, over all torchrun processes (default: the model's recipe)"
     p.add_argument("--batch-size", type=int, default=batch_size, help=help_)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores not already busy)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

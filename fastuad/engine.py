@@ -4,6 +4,9 @@
   after every epoch atomically (a unique temporary file in the same folder, flushed and
   fsynced, then ``os.replace``), resumes from ``last.pt`` and evaluates at the end. It refuses
   an output folder that already holds files unless asked to ``resume`` or ``overwrite``.
+- Under ``torchrun`` (``WORLD_SIZE > 1``) :func:`train` runs DistributedDataParallel with one
+  shard of every global batch per process; rank 0 alone writes, prints and evaluates
+  (:mod:`fastuad.distributed`).
 - :func:`evaluate` collects maps and scores over a test set and scores them with
   :func:`fastuad.metrics.evaluate_per_class`.
 - :func:`predict` writes a heatmap overlay PNG per image and a CSV of image scores.

@@ -126,6 +126,17 @@ def test_cli_prints_user_errors_in_one_line_and_bugs_with_a_traceback(tiny_root,
             main(args)
     assert issubclass(DataError, ValueError) and issubclass(DataError, FastUADError)
 
+    # a user path that cannot be written is wrapped where it is used: one line naming it
+    import fastuad.data.demo as demo
+
+    def read_only(root, **kw):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(root))
+
+    monkeypatch.setattr(demo, "make_demo_dataset", read_only)
+    assert main(["demo", "--out", str(tmp_path / "ro"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"fastuad: error: cannot write the demo data set under {tmp_path / 'ro'}: Permission denied"
+
 
 def test_cli_reports_the_epochs_a_resumed_run_trained(tiny_root, tmp_path, capsys):
     args = ["train", "--model", "rd4ad", "--dataset", "mvtec", "--data-root", str(tiny_root), "--batch-size", "4",
