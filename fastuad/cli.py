@@ -1,8 +1,10 @@
 """The ``fastuad`` command: ``train``, ``eval``, ``predict``, ``demo`` and ``info``.
 
 User mistakes (a missing data root, an unknown model or backbone, a checkpoint of another
-model, ``--device cuda`` without a GPU) end with one ``fastuad: error: ...`` line and exit code
-2; ``--traceback`` shows the full trace instead.
+model, ``--device cuda`` without a GPU, an output folder that holds another run, a full disk)
+raise :class:`~fastuad.errors.FastUADError` subclasses; exactly those end with one
+``fastuad: error: ...`` line and exit code 2 (``--traceback`` shows the full trace instead).
+Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from fastuad.errors import FastUADError
+
 DEMO_CLASSES_NOTE = "brick, chelsea, coffee, grass, gravel (scikit-image photographs; scratch, blob and spot defects)"
 
 
-class _UserError(Exception):
+class _UserError(FastUADError, ValueError):
     """Raised inside the CLI for a user mistake; printed as one ``fastuad: error:`` line."""
 
 
@@ -59,8 +63,11 @@ def _classes(text: str | None) -> list[str] | None:
 
 def _write_json(result: dict, path: str | None) -> None:
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps({"per_class": result["per_class"], "mean": result["mean"]}, indent=2))
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(json.dumps({"per_class": result["per_class"], "mean": result["mean"]}, indent=2))
+        except OSError as exc:
+            raise _UserError(f"cannot write --json file {path}: {exc.strerror or exc}") from exc
         print(f"metrics written to {path}")
 
 
@@ -83,19 +90,42 @@ def cmd_train(args: argparse.Namespace) -> int:
         weights=args.weights,
         device=str(device),
         resume=args.resume,
+        overwrite=args.overwrite,
         lr=args.lr,
         seed=args.seed,
         workers=args.workers,
         keep=args.keep,
         evaluate=not args.no_eval,
         progress=not args.no_progress,
+        model_args=_model_args(args),
     )
     result = train(cfg)
-    print(f"trained {result['epochs_run']} epochs in {result['train_seconds']:.1f} s; checkpoint {result['checkpoint']}")
+    if result.get("rank", 0) != 0:  # torchrun: rank 0 reports for all
+        return 0
+    print(_trained_line(result))
     if "metrics" in result:
         print(format_table(result["metrics"]))
         _write_json(result["metrics"], args.json)
     return 0
+
+
+def _model_args(args: argparse.Namespace) -> dict:
+    """Model overrides given as their own flags (only those the user set)."""
+    extra = {}
+    if args.coreset_ratio is not None:
+        if not 0 < args.coreset_ratio <= 1:
+            raise _UserError(f"--coreset-ratio must lie in (0, 1], got {args.coreset_ratio}")
+        extra["coreset_ratio"] = args.coreset_ratio
+    return extra
+
+
+def _trained_line(result: dict) -> str:
+    """What this run trained: after ``--resume`` only the epochs it ran, and from where."""
+    n = result["epochs_run"]
+    done = f"trained {n} epoch{'s' if n != 1 else ''} in {result['train_seconds']:.1f} s"
+    if result.get("start_epoch"):
+        done += f" (resumed after epoch {result['start_epoch']}; {result['start_epoch'] + n} of {result['epochs']} done)"
+    return f"{done}; checkpoint {result['checkpoint']}"
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -134,14 +164,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="fastuad-demo-"))
     start = time.perf_counter()
     print(f"fastuad demo: {DEMO_CLASSES_NOTE}; working in {work}")
-    root = make_demo_dataset(work / "data", seed=args.seed, image_size=args.image_size)
+    try:
+        root = make_demo_dataset(work / "data", seed=args.seed, image_size=args.image_size)
+    except OSError as exc:  # an --out the user cannot write to
+        raise _UserError(f"cannot write the demo data set under {work}: {exc.strerror or exc}") from exc
     print(f"1/4 demo data set written to {root} ({time.perf_counter() - start:.0f} s)")
     epochs = "the recipe's" if args.epochs is None else args.epochs
     print(f"2/4 training {args.model} (efficientnet_lite0, ImageNet weights) on all classes at once, {epochs} epochs on {device}")
     cfg = TrainConfig(
         model=args.model, dataset="mvtec", data_root=str(root), out=str(work / "checkpoints"), epochs=args.epochs,
         batch_size=args.batch_size, image_size=args.image_size, device=str(device), seed=args.seed,
-        progress=not args.no_progress,
+        progress=not args.no_progress, overwrite=True,  # the demo's own folder: a rerun replaces it
     )
     result = train(cfg)
     print(f"3/4 evaluated ({time.perf_counter() - start:.0f} s so far):")
@@ -178,7 +211,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _common(p: argparse.ArgumentParser, batch_size: int | None = 16) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when visible)")
-    help_ = "images per batch" if batch_size is not None else "images per batch (default: the model's recipe)"
+    help_ = "images per batch" if batch_size is not None else "images per batch, over all torchrun processes (default: the model's recipe)"
     p.add_argument("--batch-size", type=int, default=batch_size, help=help_)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores not already busy)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -205,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", default="default", help="default (EfficientNet-Lite0, sized for a CPU) or paper (the authors' set-up)")
     train.add_argument("--weights", default=None, help="local state dict for the backbone")
     train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    train.add_argument("--overwrite", action="store_true", help="replace the checkpoints of a run already in OUT")
     train.add_argument("--out", required=True, help="directory for the checkpoints")
     train.add_argument("--lr", type=float, default=None, help="default: the model's recipe")
     train.add_argument("--seed", type=int, default=0)
@@ -212,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--keep", type=int, default=1, help="epoch_NNN.pt files kept besides last.pt")
     train.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     train.add_argument("--json", default=None, help="write the final metrics to this JSON file")
+    train.add_argument("--coreset-ratio", type=float, default=None, help="patchcore: fraction of the patch features its memory bank keeps (default 0.1)")
     _common(train, batch_size=None)
     train.set_defaults(func=cmd_train)
 
@@ -249,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (_UserError, ValueError, OSError) as exc:
+    except FastUADError as exc:
         if args.traceback:
             raise
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

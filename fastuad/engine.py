@@ -1,8 +1,12 @@
 """Training, evaluation, checkpoints and prediction for the registered models.
 
 - :func:`train` runs a seeded training loop (AMP on CUDA only, tqdm bars), writes a checkpoint
-  after every epoch atomically (``*.tmp`` then ``os.replace``), resumes from ``last.pt`` and
-  evaluates at the end.
+  after every epoch atomically (a unique temporary file in the same folder, flushed and
+  fsynced, then ``os.replace``), resumes from ``last.pt`` and evaluates at the end. It refuses
+  an output folder that already holds files unless asked to ``resume`` or ``overwrite``.
+- Under ``torchrun`` (``WORLD_SIZE > 1``) :func:`train` runs DistributedDataParallel with one
+  shard of every global batch per process; rank 0 alone writes, prints and evaluates
+  (:mod:`fastuad.distributed`).
 - :func:`evaluate` collects maps and scores over a test set and scores them with
   :func:`fastuad.metrics.evaluate_per_class`.
 - :func:`predict` writes a heatmap overlay PNG per image and a CSV of image scores.
@@ -17,9 +21,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import os
 import random
 import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -28,12 +34,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastuad import distributed
 from fastuad.backbones import DEFAULT_BACKBONE, RANDOM_WEIGHTS, load_file
 from fastuad.errors import FastUADError
 from fastuad.models import TrainRecipe, create_model
 from fastuad.models.recipe import build_optimizer, build_scheduler
 
 __all__ = [
+    "CheckpointWriteError",
     "EngineError",
     "TrainConfig",
     "format_table",
@@ -55,12 +63,18 @@ class EngineError(FastUADError, ValueError):
     """A user-facing error: bad path, wrong device, checkpoint that does not fit."""
 
 
+class CheckpointWriteError(FastUADError, OSError):
+    """A checkpoint could not be written (full disk, no permission); the previous file is intact."""
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Everything ``fastuad train`` takes. ``model_args`` are extra ``create_model`` overrides.
 
     ``backbone`` and ``image_size`` default to the preset's; ``epochs``, ``batch_size`` and
-    ``lr`` default to the model's :class:`~fastuad.models.TrainRecipe`.
+    ``lr`` default to the model's :class:`~fastuad.models.TrainRecipe`. An ``out`` folder that
+    already holds files is refused unless ``resume`` (continue from its ``last.pt``) or
+    ``overwrite`` (delete its checkpoints first) is set.
     """
 
     model: str
@@ -76,6 +90,7 @@ class TrainConfig:
     weights: str | None = None
     device: str = "auto"
     resume: bool = False
+    overwrite: bool = False
     lr: float | None = None
     seed: int = 0
     workers: int | None = None
@@ -116,19 +131,40 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(s)
 
 
-def _loader(dataset, batch_size: int, shuffle: bool, seed: int, workers: int | None, device: torch.device):
+def _loader(dataset, batch_size: int, shuffle: bool, seed: int, workers: int | None, device: torch.device, sampler=None):
+    """A seeded DataLoader whose batches leave out items that failed to decode (``None`` if all did)."""
+    from fastuad.data import collate_skip_unreadable
+
     if workers is None:
         workers = 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
-    return torch.utils.data.DataLoader(
+    return _Batches(torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
+        sampler=sampler,
         num_workers=workers,
+        collate_fn=collate_skip_unreadable,
         pin_memory=device.type == "cuda",
         worker_init_fn=_seed_worker,
         generator=torch.Generator().manual_seed(seed),
         drop_last=False,
-    )
+    ))
+
+
+class _Batches:
+    """A DataLoader that leaves out the batches none of whose images decoded (``None``)."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader) -> None:
+        self.loader = loader
+
+    def __iter__(self):
+        return (batch for batch in self.loader if batch is not None)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str):
+        return getattr(self.loader, name)
 
 
 def _build_dataset(name: str, root: str, split: str, classes: Sequence[str] | None, image_size: int):
@@ -170,7 +206,7 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, epoch: int, extra: dict | None = None) -> Path:
-    """Write a checkpoint atomically: ``path.tmp`` first, then ``os.replace`` onto ``path``."""
+    """Write a checkpoint atomically (see :func:`write_atomic`)."""
     path = Path(path)
     ckpt = {
         "format": CHECKPOINT_FORMAT,
@@ -181,10 +217,47 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         "epoch": int(epoch),
         **(extra or {}),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, ckpt)
     return path
+
+
+def write_atomic(path: str | Path, obj) -> None:
+    """``torch.save(obj)`` to a unique temporary file beside ``path``, flush and fsync it, then
+    ``os.replace`` it onto ``path``.
+
+    A crash or a full disk at any point leaves either the old ``path`` or the new one, never a
+    truncated file, and no temporary file behind; a failed write raises
+    :class:`CheckpointWriteError` naming ``path``.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(exc, (OSError, RuntimeError)):  # torch.save reports write errors as RuntimeError
+            reason = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            error = CheckpointWriteError(f"cannot write checkpoint {path}: {reason}")
+            error.errno = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
+            raise error from exc
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -228,10 +301,47 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", model:
     return model_from_checkpoint(ckpt, device, path), ckpt
 
 
+_EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt")
+
+
+def _epoch_files(out: Path) -> list[Path]:
+    """``epoch_N.pt`` files of ``out`` ordered by epoch number (``epoch_999`` before ``epoch_1000``)."""
+    found = [(int(m.group(1)), p) for p in out.glob("epoch_*.pt") if (m := _EPOCH_FILE.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
 def _prune(out: Path, keep: int) -> None:
-    epochs = sorted(out.glob("epoch_*.pt"))
+    """Delete all but the ``keep`` latest epoch checkpoints."""
+    epochs = _epoch_files(out)
     for old in epochs[: max(0, len(epochs) - keep)]:
         old.unlink(missing_ok=True)
+
+
+def _prepare_out(out: Path, resume: bool, overwrite: bool, modify: bool = True) -> None:
+    """Create ``out``; refuse one that holds files unless resuming or overwriting.
+
+    Overwriting deletes the old run's checkpoints (``last.pt``, ``epoch_N.pt``) so that pruning
+    never keeps an old run's epochs in place of the new one's. ``modify=False`` only checks
+    (the ranks other than 0 of a distributed run).
+    """
+    try:
+        if out.exists() and not out.is_dir():
+            raise EngineError(f"output path {out} exists and is not a folder")
+        held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+        if held and not resume and not overwrite:
+            shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+            raise EngineError(
+                f"output folder {out} is not empty ({shown}): pass --resume to continue its run, "
+                f"--overwrite to replace it, or choose another --out"
+            )
+        if not modify:
+            return
+        if held and overwrite and not resume:
+            for old in [out / "last.pt", *_epoch_files(out)]:
+                old.unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+    except PermissionError as exc:
+        raise EngineError(f"cannot write to output folder {out}: permission denied") from exc
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,23 +365,58 @@ def model_recipe(model: nn.Module, cfg: TrainConfig) -> TrainRecipe:
 
 
 def fit_memory(model: nn.Module, dataset, epoch: int, recipe: TrainRecipe, cfg: TrainConfig, device: torch.device) -> None:
-    """Call the model's optional ``fit_memory`` hook (eval mode, no grad) before an epoch."""
+    """Call the model's optional ``fit_memory`` hook (eval mode, no grad) before an epoch.
+
+    With several processes rank 0 runs it over the whole training set and the buffers it filled
+    are broadcast to the other ranks (:func:`fastuad.distributed.broadcast_buffers`).
+    """
     hook = getattr(model, "fit_memory", None)
     if hook is None:
         return
-    loader = _loader(dataset, recipe.batch_size, False, cfg.seed, cfg.workers, device)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), _amp(device):
-        hook(loader, epoch=epoch, progress=cfg.progress)
-    model.train(was_training)
+    w = distributed.world()
+    if w.is_main:
+        loader = _loader(dataset, recipe.batch_size, False, cfg.seed, cfg.workers, device)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad(), _amp(device):
+            hook(loader, epoch=epoch, progress=cfg.progress)
+        model.train(was_training)
+    if w.distributed:
+        distributed.broadcast_buffers(model)
+
+
+class _TrainingLoss(nn.Module):
+    """``forward(batch) = model.training_loss(batch)``, so that DistributedDataParallel (which
+    synchronises gradients only for what goes through its ``forward``) can wrap any model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.model.training_loss(batch)
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train ``cfg.model`` on all (or ``cfg.classes``) classes; return paths, losses and metrics."""
+    """Train ``cfg.model`` on all (or ``cfg.classes``) classes; return paths, losses and metrics.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) every process runs this: see :mod:`fastuad.distributed`.
+    """
     device = resolve_device(cfg.device)
     if (cfg.epochs is not None and cfg.epochs < 1) or (cfg.batch_size is not None and cfg.batch_size < 1) or cfg.keep < 0:
         raise EngineError(f"epochs and batch size must be >= 1 and keep >= 0, got {cfg.epochs}, {cfg.batch_size}, {cfg.keep}")
+    w, device, joined = distributed.setup(device)
+    try:
+        return _train(cfg, device, w)
+    finally:
+        distributed.teardown(joined)
+
+
+def _train(cfg: TrainConfig, device: torch.device, w: "distributed.World") -> dict:
+    main_rank = w.is_main
+    log = print if main_rank else (lambda *a, **k: None)
+    progress = cfg.progress and main_rank
+    cfg = dataclasses.replace(cfg, progress=progress)
     seed_everything(cfg.seed)
     model = create_model(
         cfg.model, backbone=cfg.backbone, image_size=cfg.image_size, preset=cfg.preset, weights=cfg.weights, **cfg.model_args
@@ -279,16 +424,21 @@ def train(cfg: TrainConfig) -> dict:
     image_size = int(model.config["image_size"])
     train_set = _build_dataset(cfg.dataset, cfg.data_root, "train", cfg.classes, image_size)
     recipe = model_recipe(model, cfg)
+    if recipe.batch_size % w.size:
+        raise EngineError(f"the batch size {recipe.batch_size} (global, over all processes) must be divisible by the {w.size} processes")
     params = [p for p in model.parameters() if p.requires_grad]
     steps_per_epoch = -(-len(train_set) // recipe.batch_size)
     optimizer = build_optimizer(params, recipe) if params else None
     scheduler = build_scheduler(optimizer, recipe, steps_per_epoch) if optimizer is not None else None
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    _prepare_out(out, cfg.resume, cfg.overwrite, modify=main_rank)  # every rank checks, so all fail alike
+    distributed.barrier()
+    if not main_rank and not out.is_dir():
+        raise EngineError(f"output folder {out} is not visible from rank {w.rank}: it must be on a file system all processes share")
     last = out / "last.pt"
     start_epoch, history = 0, []
-    if cfg.resume and last.is_file():
+    if cfg.resume and last.is_file():  # every rank resumes from the same checkpoint
         ckpt = read_checkpoint(last)
         _check_resume(ckpt, model, last)
         _load_state(model, ckpt, last)
@@ -299,16 +449,23 @@ def train(cfg: TrainConfig) -> dict:
         if scaler.is_enabled() and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, history = ckpt["epoch"], list(ckpt.get("history", []))
-        print(f"resuming from {last} after epoch {start_epoch}")
+        log(f"resuming from {last} after epoch {start_epoch}")
     elif cfg.resume:
-        print(f"--resume: no checkpoint in {out}, starting from scratch")
+        log(f"--resume: no checkpoint in {out}, starting from scratch")
 
+    ddp = None
+    if params and w.distributed:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            _TrainingLoss(model), device_ids=[device.index] if device.type == "cuda" else None
+        )
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("progress",)}
     settings["recipe"] = recipe.as_dict()
+    settings["world_size"] = w.size
     started = time.perf_counter()
+    epochs_run = 0
     for epoch in range(start_epoch, recipe.epochs):
         fit_memory(model, train_set, epoch, recipe, cfg, device)
-        loss_value = _train_epoch(model, train_set, epoch, recipe, cfg, device, optimizer, scheduler, scaler) if params else 0.0
+        loss_value = _train_epoch(model, ddp, train_set, epoch, recipe, cfg, device, optimizer, scheduler, scaler, w) if params else 0.0
         history.append(loss_value)
         extra = {
             "history": history,
@@ -317,34 +474,58 @@ def train(cfg: TrainConfig) -> dict:
             "scaler": scaler.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
         }
-        save_checkpoint(out / f"epoch_{epoch + 1:03d}.pt", model, optimizer, epoch + 1, extra)
-        save_checkpoint(last, model, optimizer, epoch + 1, extra)
-        _prune(out, cfg.keep)
-        print(f"epoch {epoch + 1}/{recipe.epochs}: loss {history[-1]:.4f} ({time.perf_counter() - started:.0f} s)")
+        if main_rank:  # one writer; the others wait so that nobody reads a half-written run
+            save_checkpoint(out / f"epoch_{epoch + 1:03d}.pt", model, optimizer, epoch + 1, extra)
+            save_checkpoint(last, model, optimizer, epoch + 1, extra)
+            _prune(out, cfg.keep)
+        distributed.barrier()
+        epochs_run += 1
+        log(f"epoch {epoch + 1}/{recipe.epochs}: loss {history[-1]:.4f} ({time.perf_counter() - started:.0f} s)")
+    if start_epoch >= recipe.epochs:
+        log(f"{last} already holds epoch {start_epoch} of {recipe.epochs}: nothing to train")
     result = {
         "checkpoint": str(last),
         "history": history,
         "train_seconds": time.perf_counter() - started,
-        "epochs_run": recipe.epochs - start_epoch,
+        "start_epoch": start_epoch,
+        "epochs_run": epochs_run,
+        "epochs": recipe.epochs,
         "recipe": recipe.as_dict(),
+        "rank": w.rank,
+        "world_size": w.size,
     }
-    if cfg.evaluate:
+    if cfg.evaluate and main_rank:
         test_set = _build_dataset(cfg.dataset, cfg.data_root, "test", cfg.classes, image_size)
         result["metrics"] = evaluate(model, test_set, device, recipe.batch_size, progress=cfg.progress)
+    distributed.barrier()
     return result
 
 
-def _train_epoch(model, train_set, epoch, recipe, cfg, device, optimizer, scheduler, scaler) -> float:
-    """One pass of the gradient loop; returns the mean loss per image."""
+def _train_sampler(train_set, w: "distributed.World", seed: int, epoch: int):
+    """Each rank's shard of one seeded permutation per epoch.
+
+    Global batch ``i`` is the permutation's slice ``[i·B, (i+1)·B)`` whatever the number of
+    processes (rank ``r`` of ``W`` takes every ``W``-th index of it), so ``W`` processes with
+    ``B/W`` images each take the same optimisation steps as one process with ``B``.
+    """
+    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=w.size, rank=w.rank, shuffle=True, seed=seed, drop_last=False)
+    sampler.set_epoch(epoch)
+    return sampler
+
+
+def _train_epoch(model, ddp, train_set, epoch, recipe, cfg, device, optimizer, scheduler, scaler, w) -> float:
+    """One pass of the gradient loop; returns the mean loss per image (over all ranks)."""
     model.train()
-    loader = _loader(train_set, recipe.batch_size, True, cfg.seed * 100003 + epoch, cfg.workers, device)
+    sampler = _train_sampler(train_set, w, cfg.seed, epoch)
+    loader = _loader(train_set, recipe.batch_size // w.size, False, cfg.seed * 100003 + epoch, cfg.workers, device, sampler=sampler)
+    loss_fn = ddp if ddp is not None else model.training_loss
     params = [p for group in optimizer.param_groups for p in group["params"]]
     total, count = 0.0, 0
     bar = _progress(loader, cfg.progress, desc=f"epoch {epoch + 1}/{recipe.epochs}")
     for batch in bar:
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         with _amp(device):
-            loss = model.training_loss(batch)
+            loss = loss_fn(batch)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if recipe.grad_clip is not None:
@@ -356,6 +537,7 @@ def _train_epoch(model, train_set, epoch, recipe, cfg, device, optimizer, schedu
         n = batch["image"].shape[0]
         total, count = total + loss.item() * n, count + n
         bar.set_postfix(loss=f"{total / count:.4f}")
+    total, count = distributed.all_reduce_sum(total, count)
     return total / max(count, 1)
 
 
@@ -459,7 +641,10 @@ def predict(
     device = torch.device(device)
     size = int(model.config["image_size"])
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EngineError(f"cannot create output folder {out}: {exc.strerror or exc}") from exc
     model.eval()
     maps, scores, rgbs = [], [], []
     for i in _progress(range(0, len(images), batch_size), progress, desc="predict"):

@@ -8,8 +8,12 @@ exception) keep their traceback. Each subclass also derives from the builtin tha
 
 from __future__ import annotations
 
-__all__ = ["FastUADError"]
+__all__ = ["FastUADError", "DataError"]
 
 
 class FastUADError(Exception):
     """Base of the user-facing errors: bad input, missing files, a backend that cannot run."""
+
+
+class DataError(FastUADError, ValueError):
+    """A data set that cannot be read as asked: missing root or class, bad layout, missing mask."""

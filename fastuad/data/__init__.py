@@ -9,9 +9,11 @@ from fastuad.data.datasets import (
     Sample,
     VisADataset,
     build_dataset,
+    collate_skip_unreadable,
 )
 from fastuad.data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize, normalize
 from fastuad.data.demo import make_demo_dataset
+from fastuad.errors import DataError
 
 __all__ = [
     "DATASETS",
@@ -22,6 +24,8 @@ __all__ = [
     "Sample",
     "VisADataset",
     "build_dataset",
+    "collate_skip_unreadable",
+    "DataError",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "denormalize",

@@ -29,8 +29,11 @@ BTAD); every other test folder holds anomalies. Image files: png, jpg, jpeg, bmp
 
 Problems are never a silent wrong label: a missing root, no class folder, an unknown class, a
 class without images for the split, an anomalous image without its mask, or a mask whose size
-differs from its image's raise ``ValueError`` naming the path; a corrupt or unreadable image
-is skipped with a ``warnings.warn`` naming the file, when the index is built.
+differs from its image's raise :class:`~fastuad.errors.DataError` (a ``ValueError``) naming
+the path; a corrupt or unreadable image is skipped with a ``warnings.warn`` naming the file,
+when the index is built. An image that passed that check but fails to decode later (changed or
+damaged on disk mid-run) makes ``dataset[i]`` return ``None`` after a warning naming it;
+:func:`collate_skip_unreadable` (the engine's ``collate_fn``) drops such items from the batch.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ import torch
 from PIL import Image
 
 from fastuad.data.transforms import IMAGE_EXTENSIONS, image_to_tensor, mask_to_tensor, read_image, read_mask
+from fastuad.errors import DataError
 
 __all__ = [
     "AnomalyDataset",
@@ -54,6 +58,7 @@ __all__ = [
     "DATASETS",
     "Sample",
     "build_dataset",
+    "collate_skip_unreadable",
 ]
 
 SPLITS = ("train", "test")
@@ -103,7 +108,7 @@ def _mask_size(path: Path) -> tuple[int, int]:
         with Image.open(path) as img:
             return img.size
     except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"cannot read mask {path}: {type(exc).__name__}: {exc}") from exc
+        raise DataError(f"cannot read mask {path}: {type(exc).__name__}: {exc}") from exc
 
 
 class AnomalyDataset(torch.utils.data.Dataset):
@@ -124,21 +129,21 @@ class AnomalyDataset(torch.utils.data.Dataset):
         image_size: int = 256,
     ):
         if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+            raise DataError(f"split must be one of {SPLITS}, got {split!r}")
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
-            raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+            raise DataError(f"image_size must be a positive int, got {image_size!r}")
         self.root = Path(root).expanduser()
         self.split = split
         self.image_size = image_size
         if not self.root.is_dir():
-            raise ValueError(f"dataset root {self.root} does not exist or is not a directory")
+            raise DataError(f"dataset root {self.root} does not exist or is not a directory")
         self.classes = self._select_classes(classes)
         self.samples: list[Sample] = []
         for index, name in enumerate(self.classes):
             found = self._index_class(index, name)
             if not found:
                 where = ", ".join(str(self.root / name / f) for f in self.split_folders(self.split))
-                raise ValueError(f"class {name!r} has no {split} images (looked in {where})")
+                raise DataError(f"class {name!r} has no {split} images (looked in {where})")
             self.samples.extend(found)
 
     # -- layout ------------------------------------------------------------------------------
@@ -158,7 +163,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
             p.name for p in self.root.iterdir() if p.is_dir() and any((p / f).is_dir() for f in ("train", "test"))
         )
         if not found:
-            raise ValueError(
+            raise DataError(
                 f"no class folders under {self.root}: expected {self.layout} layout <root>/<class>/train/{self.good_folder}"
             )
         if classes is None:
@@ -167,7 +172,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
         wanted = [c for c in wanted if c]
         unknown = [c for c in wanted if c not in found]
         if unknown or not wanted:
-            raise ValueError(f"unknown classes {unknown or wanted} under {self.root}; available: {', '.join(found)}")
+            raise DataError(f"unknown classes {unknown or wanted} under {self.root}; available: {', '.join(found)}")
         return sorted(set(wanted))
 
     def _index_class(self, class_index: int, name: str) -> list[Sample]:
@@ -193,10 +198,10 @@ class AnomalyDataset(torch.utils.data.Dataset):
         candidates = self.mask_candidates(class_dir, defect, image.stem)
         mask = next((p for p in candidates if p.is_file()), None)
         if mask is None:
-            raise ValueError(f"anomalous image {image} has no mask (looked for {', '.join(map(str, candidates))})")
+            raise DataError(f"anomalous image {image} has no mask (looked for {', '.join(map(str, candidates))})")
         mask_size = _mask_size(mask)
         if mask_size != size:
-            raise ValueError(f"mask {mask} is {mask_size[0]}x{mask_size[1]} but its image {image} is {size[0]}x{size[1]}")
+            raise DataError(f"mask {mask} is {mask_size[0]}x{mask_size[1]} but its image {image} is {size[0]}x{size[1]}")
         return mask
 
     # -- access ------------------------------------------------------------------------------
@@ -208,16 +213,22 @@ class AnomalyDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> dict | None:
+        """The item dict, or ``None`` (after a warning naming the file) if its image or mask no
+        longer decodes; :func:`collate_skip_unreadable` drops those from a batch."""
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} samples")
         s = self.samples[index]
         size = self.image_size
-        image = image_to_tensor(read_image(s.path), size)
-        if s.mask_path is None:
-            mask = torch.zeros(1, size, size, dtype=torch.float32)
-        else:
-            mask = mask_to_tensor(read_mask(s.mask_path), size)
+        try:
+            image = image_to_tensor(read_image(s.path), size)
+            if s.mask_path is None:
+                mask = torch.zeros(1, size, size, dtype=torch.float32)
+            else:
+                mask = mask_to_tensor(read_mask(s.mask_path), size)
+        except DataError as exc:  # read_image/read_mask name the file
+            warnings.warn(f"skipping unreadable item {index}: {exc}", stacklevel=2)
+            return None
         return {
             "image": image,
             "mask": mask,
@@ -272,6 +283,14 @@ class FolderDataset(AnomalyDataset):
         return [folder / f"{stem}{suffix}{ext}" for suffix in ("", "_mask") for ext in IMAGE_EXTENSIONS]
 
 
+def collate_skip_unreadable(items: list[dict | None]) -> dict | None:
+    """``default_collate`` of the items that decoded; ``None`` when none of the batch did."""
+    kept = [item for item in items if item is not None]
+    if not kept:
+        return None
+    return torch.utils.data.default_collate(kept)
+
+
 DATASETS: dict[str, type[AnomalyDataset]] = {
     "mvtec": MVTecDataset,
     "visa": VisADataset,
@@ -290,5 +309,5 @@ def build_dataset(
     """The dataset of layout ``name`` (``mvtec | visa | btad | folder``) under ``root``."""
     key = str(name).lower()
     if key not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
     return DATASETS[key](root, split=split, classes=classes, image_size=image_size)

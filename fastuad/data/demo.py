@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fastuad.errors import DataError
+
 __all__ = ["DEMO_CLASSES", "DEMO_DEFECTS", "make_demo_dataset"]
 
 TEXTURES = ("brick", "grass", "gravel")
@@ -169,10 +171,10 @@ def make_demo_dataset(
     A ``demo.json`` records the parameters; calling again with the same ones reuses the files.
     """
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32:
-        raise ValueError(f"image_size must be an int >= 32, got {image_size!r}")
+        raise DataError(f"image_size must be an int >= 32, got {image_size!r}")
     unknown = sorted(set(classes) - set(DEMO_CLASSES))
     if unknown or not classes:
-        raise ValueError(f"classes must be a non-empty subset of {DEMO_CLASSES}, got {tuple(classes)}")
+        raise DataError(f"classes must be a non-empty subset of {DEMO_CLASSES}, got {tuple(classes)}")
     root = Path(root)
     params = {"version": _VERSION, "seed": seed, "image_size": image_size, "n_train": n_train,
               "n_test_good": n_test_good, "n_test_per_defect": n_test_per_defect, "classes": sorted(classes)}

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fastuad.data.transforms import IMAGE_EXTENSIONS, read_image
+from fastuad.errors import DataError
 
 __all__ = ["perlin_noise", "perlin_mask", "DraemSynthesizer", "CutPaste"]
 
@@ -65,23 +66,23 @@ def perlin_mask(
     ``max_tries``) until at least one pixel is set.
     """
     if len(shape) != 2 or min(shape) < 1:
-        raise ValueError(f"shape must be (H, W) with H, W >= 1, got {shape!r}")
+        raise DataError(f"shape must be (H, W) with H, W >= 1, got {shape!r}")
     lo, hi = scale_range
     if not 0 <= lo < hi:
-        raise ValueError(f"scale_range must be (lo, hi) with 0 <= lo < hi, got {scale_range!r}")
+        raise DataError(f"scale_range must be (lo, hi) with 0 <= lo < hi, got {scale_range!r}")
     for _ in range(max_tries):
         res = (2 ** int(rng.integers(lo, hi)), 2 ** int(rng.integers(lo, hi)))
         mask = (perlin_noise(tuple(shape), res, rng) > threshold).astype(np.float32)
         if mask.any():
             return mask
-    raise ValueError(f"no Perlin mask above threshold {threshold} in {max_tries} draws; lower the threshold")
+    raise DataError(f"no Perlin mask above threshold {threshold} in {max_tries} draws; lower the threshold")
 
 
 def _check_image(image: torch.Tensor) -> torch.Tensor:
     if not isinstance(image, torch.Tensor) or not image.is_floating_point():
         raise TypeError(f"image must be a float torch.Tensor [3, H, W] in [0, 1], got {type(image).__name__}")
     if image.dim() != 3 or image.shape[0] != 3:
-        raise ValueError(f"image must have shape [3, H, W], got {tuple(image.shape)}")
+        raise DataError(f"image must have shape [3, H, W], got {tuple(image.shape)}")
     return image.to(torch.float32)
 
 
@@ -93,7 +94,7 @@ def _texture_tensor(source, size: tuple[int, int]) -> torch.Tensor:
         source = np.asarray(source.convert("RGB"))
     if isinstance(source, np.ndarray):
         if source.ndim != 3 or source.shape[2] != 3:
-            raise ValueError(f"texture arrays must be HxWx3, got shape {source.shape}")
+            raise DataError(f"texture arrays must be HxWx3, got shape {source.shape}")
         source = torch.from_numpy(source.astype(np.float32) / (255.0 if source.dtype == np.uint8 else 1.0)).permute(2, 0, 1)
     tex = _check_image(source)
     return F.interpolate(tex[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0].clamp(0, 1)
@@ -112,15 +113,15 @@ class DraemSynthesizer:
         if isinstance(texture_source, (str, Path)):
             folder = Path(texture_source)
             if not folder.is_dir():
-                raise ValueError(f"texture_source {folder} is not a directory")
+                raise DataError(f"texture_source {folder} is not a directory")
             textures: Sequence = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         else:
             textures = list(texture_source)
         if not textures:
-            raise ValueError(f"texture_source holds no images: {texture_source!r}")
+            raise DataError(f"texture_source holds no images: {texture_source!r}")
         lo, hi = beta_range
         if not 0 <= lo <= hi <= 1:
-            raise ValueError(f"beta_range must satisfy 0 <= lo <= hi <= 1, got {beta_range!r}")
+            raise DataError(f"beta_range must satisfy 0 <= lo <= hi <= 1, got {beta_range!r}")
         self.textures = textures
         self.beta_range = (float(lo), float(hi))
         self.scale_range = scale_range
@@ -152,11 +153,11 @@ class CutPaste:
         jitter: float = 0.1,
     ):
         if not 0 < area_ratio[0] <= area_ratio[1] < 1:
-            raise ValueError(f"area_ratio must satisfy 0 < lo <= hi < 1, got {area_ratio!r}")
+            raise DataError(f"area_ratio must satisfy 0 < lo <= hi < 1, got {area_ratio!r}")
         if not 0 < aspect_ratio[0] <= aspect_ratio[1]:
-            raise ValueError(f"aspect_ratio must satisfy 0 < lo <= hi, got {aspect_ratio!r}")
+            raise DataError(f"aspect_ratio must satisfy 0 < lo <= hi, got {aspect_ratio!r}")
         if not 0 <= jitter < 1:
-            raise ValueError(f"jitter must be in [0, 1), got {jitter!r}")
+            raise DataError(f"jitter must be in [0, 1), got {jitter!r}")
         self.area_ratio = area_ratio
         self.aspect_ratio = aspect_ratio
         self.jitter = jitter

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fastuad.errors import DataError
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -32,7 +34,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 def _channel_stats(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if image.dim() not in (3, 4) or image.shape[-3] != 3:
-        raise ValueError(f"image must have shape [3, H, W] or [B, 3, H, W], got {tuple(image.shape)}")
+        raise DataError(f"image must have shape [3, H, W] or [B, 3, H, W], got {tuple(image.shape)}")
     shape = (3, 1, 1)
     mean = torch.tensor(IMAGENET_MEAN, dtype=image.dtype, device=image.device).view(shape)
     std = torch.tensor(IMAGENET_STD, dtype=image.dtype, device=image.device).view(shape)
@@ -70,7 +72,7 @@ def _read(path: Path, what: str) -> Image.Image:
             img.load()
             return img
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"cannot read {what} {path}: {exc}") from exc
+        raise DataError(f"cannot read {what} {path}: {exc}") from exc
 
 
 def read_image(path: str | Path) -> Image.Image:

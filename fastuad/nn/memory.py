@@ -128,7 +128,10 @@ def k_center_greedy(
     ``projection_dim`` dims (``None`` or ``>= D``: no projection), as PatchCore does to make the
     selection cheap. Starting from a seeded random row, each step takes the row farthest from
     everything selected so far. Runs on the features' device without host synchronisation;
-    ``O(num_samples · N · projection_dim)`` work, ``O(N)`` extra memory.
+    ``O(num_samples · N · projection_dim)`` work. Besides the projected copy (none without
+    projection for float32 features) it holds only ``O(N)`` vectors: each step is one
+    matrix-vector product ``|x|² - 2 x·c + |c|²``, never an ``N×D`` difference or an ``N×M``
+    distance matrix.
     """
     if features.dim() != 2:
         raise ValueError(f"features must have 2 dimensions [N, D], got shape {tuple(features.shape)}")
@@ -143,11 +146,16 @@ def k_center_greedy(
     first = int(torch.randint(n, (1,), generator=gen))
     selected = torch.empty(num_samples, dtype=torch.int64, device=x.device)
     selected[0] = first
-    min_dist = (x - x[first]).pow(2).sum(dim=1)
+    sq = x.pow(2).sum(dim=1)  # [N]
+
+    def sq_dist_to(c: torch.Tensor) -> torch.Tensor:  # [N], no [N, D] temporary
+        return (sq - 2.0 * (x @ x[c]) + sq[c]).clamp_min_(0.0)
+
+    min_dist = sq_dist_to(torch.tensor(first, device=x.device))
     for i in range(1, num_samples):
         nxt = torch.argmax(min_dist)
         selected[i] = nxt
-        min_dist = torch.minimum(min_dist, (x - x[nxt]).pow(2).sum(dim=1))
+        torch.minimum(min_dist, sq_dist_to(nxt), out=min_dist)
     return selected
 
 
