@@ -256,8 +256,9 @@ def rlr(
         raise ModelError(f"rlr: layers must be non-empty encoder feature indices (ints >= 0), got {p['layers']!r}")
     try:
         encoder = create_backbone(backbone, out_indices=layers, weights=weights)
-    except BackboneError as exc:
-        raise ModelError(f"rlr (preset {preset!r}) cannot use backbone {backbone!r} with layers={list(layers)}: {exc}") from exc
+    except (BackboneError, IndexError) as exc:  # timm raises IndexError for a feature level it does not have
+        why = str(exc) if isinstance(exc, BackboneError) else "it has fewer feature levels (timm features_only out_indices)"
+        raise ModelError(f"rlr (preset {preset!r}) cannot use backbone {backbone!r} with layers={list(layers)}: {why}") from exc
 
     n = len(layers)
     for r, i in zip(encoder.reductions, layers):
