@@ -174,6 +174,24 @@ def test_unified_training_through_the_engine_on_two_classes(tiny_root, tmp_path)
     assert ckpt["classes"] == ["brick", "coffee"] and ckpt["config"]["name"] == "rlr" and ckpt["epoch"] == 1
 
 
+def test_cli_train_resume_eval_and_predict(tiny_root, tmp_path, capsys):
+    from fastuad.cli import main
+
+    out = tmp_path / "ckpt"
+    args = ["train", "--model", "rlr", "--dataset", "mvtec", "--data-root", str(tiny_root), "--image-size", "64",
+            "--out", str(out), "--no-progress", "--no-eval", "--device", "cpu"]
+    assert main([*args, "--epochs", "1"]) == 0
+    assert main([*args, "--epochs", "2", "--resume"]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2
+    assert main(["eval", "--checkpoint", str(out / "last.pt"), "--dataset", "mvtec", "--data-root", str(tiny_root),
+                 "--json", str(tmp_path / "eval.json"), "--no-progress", "--device", "cpu"]) == 0
+    assert sorted(json.loads((tmp_path / "eval.json").read_text())["per_class"]) == ["brick", "coffee"]
+    image = sorted((tiny_root / "brick" / "test").rglob("*.png"))[0]
+    assert main(["predict", "--checkpoint", str(out / "last.pt"), str(image), "--out", str(tmp_path / "pred"), "--device", "cpu"]) == 0
+    assert (tmp_path / "pred" / "scores.csv").is_file()
+
+
 def test_paper_preset_has_the_authors_configuration_and_parameter_count():
     m = create_model("rlr", preset="paper", weights="random")
     assert m.config == {"name": "rlr", "backbone": "tf_efficientnet_b6", "image_size": 256, "preset": "paper"}

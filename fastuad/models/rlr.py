@@ -80,7 +80,10 @@ PRESETS: dict[str, dict] = {
         dropout=0.0,
         windows=None,
         jitter=4.0,
-        recipe=dict(optimizer="adam", lr=5e-4, betas=(0.9, 0.999), epochs=10, batch_size=8),
+        # The paper's Adam (default betas); its 1e-4 is for ~180k steps. A 10-epoch CPU run has a
+        # few hundred, so a higher peak rate with cosine decay (the loss converges, the paper's
+        # rate leaves it far from converged at 10 epochs).
+        recipe=dict(optimizer="adam", lr=2e-3, betas=(0.9, 0.999), epochs=10, batch_size=8, schedule="cosine"),
     ),
 }
 # What a caller may override (besides backbone, image_size and weights).
