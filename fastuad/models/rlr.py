@@ -264,9 +264,8 @@ def rlr(
         raise ModelError(f"rlr (preset {preset!r}) cannot use backbone {backbone!r} with layers={list(layers)}: {why}") from exc
 
     n = len(layers)
-    for r, i in zip(encoder.reductions, layers):
-        if image_size % r:
-            raise ModelError(f"rlr: image_size must be a multiple of the level strides {encoder.reductions}, got {image_size}")
+    if any(image_size % r for r in encoder.reductions):
+        raise ModelError(f"rlr: image_size must be a multiple of the level strides {encoder.reductions}, got {image_size}")
     grids = [image_size // r for r in encoder.reductions]
     if min(grids) < 2:
         raise ModelError(
