@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=None, help="default: the model's recipe (10 for the default presets)")
     demo.add_argument("--image-size", type=int, default=128)
     demo.add_argument("--seed", type=int, default=0)
-    _common(demo)
+    _common(demo, batch_size=None)  # the model recipe's batch size unless --batch-size is given
     demo.set_defaults(func=cmd_demo)
 
     info = sub.add_parser("info", help="versions, backends and registered models")

@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fastuad
+
 from conftest import TRITON_DEVICE, float_dtypes_for_triton
 from fastuad.ops import local_attention, local_attention_reference, window_mask
 from fastuad.ops.local_attn import local_attention_triton_backward, local_attention_triton_forward
@@ -165,9 +167,34 @@ def test_triton_gradcheck_float64(mode, window, bk):
     )
 
 
-def test_auto_backend_on_cpu_is_reference():
+def test_auto_backend_on_cpu_is_the_torch_backend():
     q, k, v = _qkv(1, 1, (3, 3), 1, 4, torch.float32, "cpu")
-    torch.testing.assert_close(local_attention(q, k, v, 3), local_attention_reference(q, k, v, 3), atol=0, rtol=0)
+    with fastuad.ops.trace() as calls:
+        got = local_attention(q, k, v, 3)
+    assert [c.backend for c in calls] == ["torch"]
+    torch.testing.assert_close(got, local_attention_reference(q, k, v, 3), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize(
+    "grid, window, mode, bk",
+    [((5, 6), 3, "inside", 3), ((5, 6), (3, 5), "outside", 1), ((4, 4), (7, 5), "outside", 3), ((3, 7), (1, 5), "inside", 1)],
+)
+def test_torch_backend_sdpa_matches_the_dense_reference_forward_and_backward(grid, window, mode, bk, dtype):
+    """The "torch" backend (fused SDPA with a cached -inf bias) equals the dense reference, gradients included."""
+    q, k, v = (t.requires_grad_() for t in _qkv(3, bk, grid, 2, 8, dtype, "cpu", seed=4))
+    got = local_attention(q, k, v, window, mode, scale=0.6, backend="torch")
+    want = local_attention_reference(q, k, v, window, mode, scale=0.6)
+    assert got.dtype == want.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=2e-6, rtol=2e-5)
+    torch.testing.assert_close(got, want, **tol)
+    grad = torch.randn(got.shape, dtype=got.dtype, generator=torch.Generator().manual_seed(5))
+    g_got = torch.autograd.grad(got, (q, k, v), grad)
+    g_want = torch.autograd.grad(want, (q, k, v), grad)
+    if dtype == torch.float16:  # the gradients come back in the inputs' fp16: compare at its resolution
+        tol = dict(atol=1e-3, rtol=1e-3)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, **tol)
 
 
 def _t(*shape, dtype=torch.float32):
