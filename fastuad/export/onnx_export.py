@@ -18,6 +18,7 @@ images must already have), ``fastuad.class_names``, ``fastuad.precision`` and
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import tempfile
@@ -184,12 +185,9 @@ def to_onnx(
     if size != int(model.config["image_size"]):
         model = resized_model(model, size)
     device = next(iter(model.parameters()), torch.zeros(())).device
-    wrapped = _Deployed(model.half() if fp16 else model, fp16).eval()
-    try:
-        proto = _trace(wrapped, name, device, size, batch, dynamic_batch, opset, check_outputs)
-    finally:
-        if fp16:
-            model.float()  # the caller's model keeps its precision
+    # fp16 converts a copy: .half() then .float() in place would round the caller's weights.
+    wrapped = _Deployed(copy.deepcopy(model).half() if fp16 else model, fp16).eval()
+    proto = _trace(wrapped, name, device, size, batch, dynamic_batch, opset, check_outputs)
     meta = _metadata(model, size, class_names, "fp16" if fp16 else "fp32", "dynamic" if dynamic_batch else batch)
     set_metadata(proto, meta)
     path = Path(path)

@@ -85,7 +85,7 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, images: np.nda
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=methods[method],
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
         )
         proto = onnx.load(str(tmp))
     finally:

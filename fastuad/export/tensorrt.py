@@ -16,7 +16,6 @@ from typing import Sequence
 
 import numpy as np
 
-from fastuad.errors import FastUADError
 from fastuad.export.onnx_export import INPUT_NAME, OUTPUT_NAMES, ExportError, read_metadata
 
 __all__ = ["build_engine", "tensorrt_available", "import_tensorrt", "TensorRTUnavailableError", "TRTRunner", "sidecar_path"]
@@ -30,8 +29,8 @@ INSTALL_HINT = (
 )
 
 
-class TensorRTUnavailableError(FastUADError, RuntimeError):
-    """``tensorrt`` (or a CUDA GPU for it) is not available here."""
+class TensorRTUnavailableError(ExportError):
+    """``tensorrt`` (or a CUDA GPU for it) is not available here: a TensorRT export cannot be made."""
 
 
 def import_tensorrt():
