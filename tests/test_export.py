@@ -139,7 +139,7 @@ def test_metadata_names_model_size_normalisation_and_classes(exported):
 
 
 class _AllOps(torch.nn.Module):
-    """Every fused op once, as a model would call it (banks as buffers)."""
+    """Every fused op once, as a model would call it (banks as buffers), and every fastuad.nn layer."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -147,6 +147,23 @@ class _AllOps(torch.nn.Module):
         self.register_buffer("mem", torch.randn(10, 16, generator=g))
         self.register_buffer("class_mem", torch.randn(3, 10, 16, generator=g))
         self.register_buffer("bank", torch.randn(50, 16, generator=g))
+        layers = fastuad.nn
+        self.lca = layers.LocalCrossAttention(16, 2, 3, grid_size=8)
+        self.nma = layers.NeighborMaskedAttention(16, 2, 3)
+        self.memory = layers.MemoryModule(12, 16)
+        self.class_memory = layers.MemoryModule(12, 16, num_classes=3)
+        self.membank = layers.MemoryBank(16).fit(torch.randn(40, 16, generator=g))
+        self.cosmap = layers.CosineDistanceMap(out_size=32, reduction="mean", blur_sigma=2)
+
+    def layers(self, x: torch.Tensor):
+        t = x.permute(0, 2, 3, 1)  # [B, 8, 8, 16] channels last
+        cross = self.lca(t)
+        masked = self.nma(t, key=self.lca.reference, value=t)  # RLR: key from the batch-1 reference
+        read = self.memory(t)
+        read_cls = self.class_memory(t, class_index=torch.zeros(t.shape[0], dtype=torch.int64))
+        nn_d, _ = self.membank(t.reshape(-1, 16), k=2)
+        amap = self.cosmap([x], [x.flip(-1)])
+        return cross, masked, read, read_cls, nn_d, amap
 
     def forward(self, x: torch.Tensor):  # x [B, 16, 8, 8]
         ops = fastuad.ops
@@ -160,7 +177,7 @@ class _AllOps(torch.nn.Module):
         t = x.permute(0, 2, 3, 1).reshape(b, 8, 8, 2, 8)
         inside = ops.local_attention(t, 0.5 * t, t, window=3, mode="inside")
         outside = ops.local_attention(t, 0.5 * t, t, window=3, mode="outside")
-        return amap, dist, read, read_cls, nn_d.reshape(b, -1), inside, outside
+        return (amap, dist, read, read_cls, nn_d.reshape(b, -1), inside, outside, *self.layers(x))
 
 
 def test_every_fused_op_lowers_to_tensorrt_parsable_onnx(tmp_path):
