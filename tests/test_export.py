@@ -22,7 +22,7 @@ from fastuad.deploy import DeployError, load
 from fastuad.engine import TrainConfig, _build_dataset, train
 from fastuad.export import ExportError, calibration_images, quantize_int8, read_metadata, to_onnx, trt_operator_table, trt_violations
 from fastuad.export.tensorrt import TensorRTUnavailableError, build_engine, tensorrt_available
-from fastuad.models import create_model, list_models
+from fastuad.models import ModelError, create_model, list_models
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -41,14 +41,14 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _fill_memory(model) -> None:
+def _fill_memory(model, size: int = SIZE) -> None:
     """Models with banks/memories (PatchCore, DM-GRD, MDD-Net) fill them from a tiny random 'training set'."""
     if not hasattr(model, "fit_memory"):
         return
     g = torch.Generator().manual_seed(3)
     batch = {
-        "image": torch.randn(4, 3, SIZE, SIZE, generator=g),
-        "mask": torch.zeros(4, 1, SIZE, SIZE),
+        "image": torch.randn(4, 3, size, size, generator=g),
+        "mask": torch.zeros(4, 1, size, size),
         "label": torch.zeros(4, dtype=torch.int64),
         "class_index": torch.tensor([0, 0, 1, 1]),
         "class_name": ["a", "a", "b", "b"],
@@ -59,11 +59,18 @@ def _fill_memory(model) -> None:
         model.fit_memory([batch], 0, False)
 
 
-def _build(name: str):
-    torch.manual_seed(0)
-    model = create_model(name, weights="random", image_size=SIZE).eval()
-    _fill_memory(model)
-    return model.eval()
+def _build(name: str, sizes: tuple[int, ...] = (SIZE,)):
+    """The model at the first size it accepts (a model whose windows need a larger grid says so)."""
+    for size in sizes:
+        torch.manual_seed(0)
+        try:
+            model = create_model(name, weights="random", image_size=size).eval()
+        except ModelError:
+            if size == sizes[-1]:
+                raise
+            continue
+        _fill_memory(model, size)
+        return model.eval()
 
 
 def _session(path) -> "ort.InferenceSession":
@@ -85,7 +92,7 @@ def _check_fp32(got: np.ndarray, want: torch.Tensor, what: str) -> float:
 def exported(request, tmp_path_factory):
     """One model of the registry exported at 64 px: fp32 and fp16, dynamic batch (fixed batches: rd4ad below)."""
     name = request.param
-    model = _build(name)
+    model = _build(name, (SIZE, 2 * SIZE))
     d = tmp_path_factory.mktemp(f"export_{name}")
     files = {
         "fp32": to_onnx(model, d / "fp32.onnx", dynamic_batch=True, class_names=["a", "b"]),
@@ -96,9 +103,10 @@ def exported(request, tmp_path_factory):
 
 def test_fp32_export_matches_pytorch_on_random_images(exported):
     name, model, files = exported
+    size = model.config["image_size"]
     sess = _session(files["fp32"])
     for b in (1, 3):  # dynamic batch: another batch than the traced one
-        x = torch.randn(b, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(b))
+        x = torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(b))
         with torch.no_grad():
             amap, score = model(x)
         got_map, got_score = sess.run(None, {"images": x.numpy()})
@@ -108,7 +116,8 @@ def test_fp32_export_matches_pytorch_on_random_images(exported):
 
 def test_fp16_export_within_one_percent(exported):
     name, model, files = exported
-    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(11))
+    size = model.config["image_size"]
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(11))
     with torch.no_grad():
         amap, score = model(x)
     got_map, got_score = _session(files["fp16"]).run(None, {"images": x.numpy()})
@@ -127,7 +136,7 @@ def test_every_node_is_in_tensorrts_onnx_parser_table(exported):
 def test_metadata_names_model_size_normalisation_and_classes(exported):
     name, model, files = exported
     meta = read_metadata(files["fp32"])
-    assert meta["model"] == name and meta["image_size"] == SIZE and meta["batch"] == "dynamic"
+    assert meta["model"] == name and meta["image_size"] == model.config["image_size"] and meta["batch"] == "dynamic"
     assert meta["mean"] == [0.485, 0.456, 0.406] and meta["std"] == [0.229, 0.224, 0.225]
     assert meta["class_names"] == ["a", "b"] and meta["version"] == fastuad.__version__
     assert meta["config"]["name"] == name and read_metadata(files["fp16"])["precision"] == "fp16"
