@@ -74,17 +74,13 @@ def _fill_memory(model: torch.nn.Module) -> None:
     if not hasattr(model, "fit_memory"):
         return
     g = torch.Generator().manual_seed(3)
-    n = 4
-    batch = {
-        "image": torch.randn(n, 3, IMAGE, IMAGE, generator=g).to(DEVICE),
-        "mask": torch.zeros(n, 1, IMAGE, IMAGE, device=DEVICE),
-        "label": torch.zeros(n, dtype=torch.int64, device=DEVICE),
-        "class_index": torch.tensor([0, 0, 1, 1], device=DEVICE),
-        "class_name": ["a", "a", "b", "b"],
-        "path": [str(i) for i in range(n)],
-    }
+    samples = [
+        {"image": torch.randn(3, IMAGE, IMAGE, generator=g), "mask": torch.zeros(1, IMAGE, IMAGE), "label": 0,
+         "class_index": i % 2, "class_name": "ab"[i % 2], "path": str(i)}
+        for i in range(4)
+    ]
     with torch.no_grad():
-        model.fit_memory([batch], 0, False)
+        model.fit_memory(torch.utils.data.DataLoader(samples, batch_size=2), 0, False)
 
 
 @lru_cache(maxsize=1)

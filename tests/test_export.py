@@ -46,17 +46,14 @@ def _fill_memory(model, size: int = SIZE) -> None:
     if not hasattr(model, "fit_memory"):
         return
     g = torch.Generator().manual_seed(3)
-    batch = {
-        "image": torch.randn(4, 3, size, size, generator=g),
-        "mask": torch.zeros(4, 1, size, size),
-        "label": torch.zeros(4, dtype=torch.int64),
-        "class_index": torch.tensor([0, 0, 1, 1]),
-        "class_name": ["a", "a", "b", "b"],
-        "path": ["0", "1", "2", "3"],
-    }
+    samples = [
+        {"image": torch.randn(3, size, size, generator=g), "mask": torch.zeros(1, size, size), "label": 0,
+         "class_index": i % 2, "class_name": "ab"[i % 2], "path": str(i)}
+        for i in range(4)
+    ]
     model.eval()
     with torch.no_grad():
-        model.fit_memory([batch], 0, False)
+        model.fit_memory(torch.utils.data.DataLoader(samples, batch_size=2), 0, False)
 
 
 def _build(name: str, sizes: tuple[int, ...] = (SIZE,)):
@@ -106,7 +103,7 @@ def test_fp32_export_matches_pytorch_on_random_images(exported):
     size = model.config["image_size"]
     sess = _session(files["fp32"])
     for b in (1, 3):  # dynamic batch: another batch than the traced one
-        x = torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(b))
+        x = torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(100 + b))  # not the fill images
         with torch.no_grad():
             amap, score = model(x)
         got_map, got_score = sess.run(None, {"images": x.numpy()})
@@ -207,6 +204,29 @@ def test_every_fused_op_lowers_to_tensorrt_parsable_onnx(tmp_path):
             want = mod(xb)
         for got, ref in zip(sess.run(None, {"x": xb.numpy()}), want):
             np.testing.assert_allclose(got, ref.numpy(), atol=2e-5, rtol=1e-4)
+
+
+def test_adaptive_pooling_over_a_reshaped_dynamic_batch_exports(tmp_path):
+    """PatchCore-style channel pooling: the exporter lowers it to a constant averaging matmul."""
+
+    class Pool(torch.nn.Module):
+        def forward(self, x):
+            b, c, h, w = x.shape
+            flat = x.permute(0, 2, 3, 1).reshape(-1, 1, c)
+            return torch.nn.functional.adaptive_avg_pool1d(flat, 7).reshape(b, h, w, 7)
+
+    x = torch.randn(2, 24, 4, 4)
+    path = tmp_path / "pool.onnx"
+    with fastuad.ops.exporting():  # the lowering is active inside to_onnx's trace; use the same helper
+        from fastuad.export.onnx_export import _lowered_functions
+
+        with _lowered_functions():
+            torch.onnx.export(Pool(), (x,), str(path), dynamo=False, opset_version=17, input_names=["x"], dynamic_axes={"x": {0: "b"}})
+    assert torch.nn.functional.adaptive_avg_pool1d is not None and "matmul" not in torch.nn.functional.adaptive_avg_pool1d.__name__
+    xb = torch.randn(3, 24, 4, 4)
+    got = _session(path).run(None, {"x": xb.numpy()})[0]
+    np.testing.assert_allclose(got, Pool()(xb).numpy(), atol=1e-6, rtol=1e-5)
+    assert trt_violations(path) == []
 
 
 def test_force_backend_overrides_the_callers_choice():

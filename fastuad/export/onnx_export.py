@@ -18,7 +18,6 @@ images must already have), ``fastuad.class_names``, ``fastuad.precision`` and
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
 import tempfile
@@ -26,6 +25,7 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -56,21 +56,98 @@ class ExportError(FastUADError, ValueError):
 
 
 class _Deployed(nn.Module):
-    """The exported graph: float32 images in, float32 ``(anomaly_map, score)`` out.
+    """The exported graph: float32 images in, float32 ``(anomaly_map, score)`` out."""
 
-    ``fp16`` runs the model in half precision between a cast in and a cast out, so the graph's
-    interface stays float32 whatever the precision inside.
-    """
-
-    def __init__(self, model: nn.Module, fp16: bool) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.fp16 = fp16
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = images.half() if self.fp16 else images
-        amap, score = self.model(x)
+        amap, score = self.model(images)
         return amap.float(), score.float()
+
+
+def _adaptive_avg_pool1d_matmul(x: torch.Tensor, output_size) -> torch.Tensor:
+    """``F.adaptive_avg_pool1d`` as a product with a constant ``[L, out]`` averaging matrix.
+
+    Same bins as PyTorch (``floor(i·L/out)`` to ``ceil((i+1)·L/out)``); the TorchScript
+    exporter's own symbolic needs the pooled length as a static size, which a reshape with a
+    dynamic batch hides (PatchCore pools its channels this way).
+    """
+    out = int(output_size[0] if isinstance(output_size, (tuple, list)) else output_size)
+    length = int(x.shape[-1])
+    pool = np.zeros((length, out), dtype=np.float32)
+    for i in range(out):
+        lo, hi = (i * length) // out, -((-(i + 1) * length) // out)
+        pool[lo:hi, i] = 1.0 / (hi - lo)
+    return x @ torch.as_tensor(pool, dtype=x.dtype, device=x.device)
+
+
+# torch functions whose TorchScript symbolic cannot take what fastuad models give them, and the
+# standard-operator lowering used while exporting instead.
+_EXPORT_LOWERINGS = {"adaptive_avg_pool1d": _adaptive_avg_pool1d_matmul}
+
+
+@contextlib.contextmanager
+def _lowered_functions():
+    import torch.nn.functional as F
+
+    saved = {name: getattr(F, name) for name in _EXPORT_LOWERINGS}
+    try:
+        for name, fn in _EXPORT_LOWERINGS.items():
+            setattr(F, name, fn)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(F, name, fn)
+
+
+def _to_fp16(proto):
+    """The float32 graph converted to float16 inside, float32 at its input and outputs.
+
+    Converting the ONNX graph rather than tracing ``model.half()`` works for every model as
+    it is: models that compute parts in float32 on purpose (``.float()`` on features, float32
+    banks) need no half-precision variant. ONNX Runtime's converter keeps the ops it knows are
+    unsafe in half (TopK, Range, CumSum, Min/Max ...) in float32 behind casts.
+    """
+    try:
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+    except ImportError as exc:
+        raise ExportError(f"fp16 export converts the graph with onnxruntime's converter: pip install onnxruntime ({exc})") from exc
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        proto = convert_float_to_float16(proto, keep_io_types=True)
+    _topological_sort(proto.graph)  # the converter appends its input casts after their users
+    return proto
+
+
+def _topological_sort(graph) -> None:
+    """Reorder ``graph.node`` so every node follows the producers of its inputs (Kahn's order,
+    stable: nodes keep their relative order where the data flow allows)."""
+    produced_by = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    nodes = list(graph.node)
+    deps = [{produced_by[x] for x in n.input if x in produced_by and produced_by[x] != i} for i, n in enumerate(nodes)]
+    users: dict[int, list[int]] = {}
+    for i, d in enumerate(deps):
+        for j in d:
+            users.setdefault(j, []).append(i)
+    import heapq
+
+    waiting = [len(d) for d in deps]
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users.get(i, []):
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(nodes):
+        raise ExportError("the fp16 graph has a cycle; export without --fp16")
+    del graph.node[:]
+    graph.node.extend(nodes[i] for i in order)
 
 
 def _check_int(name: str, value, low: int, high: int | None = None) -> int:
@@ -164,7 +241,7 @@ def to_onnx(
             ``(anomaly_map [B,1,S,S], score [B])``). Exported on its current device.
         batch: the fixed batch size of the graph (default 1); not with ``dynamic_batch``.
         dynamic_batch: a symbolic batch dimension named ``batch`` instead.
-        fp16: run the network in float16 inside the graph (inputs and outputs stay float32).
+        fp16: convert the graph to float16 inside (inputs and outputs stay float32).
         image_size: the input size ``S`` (default: the model's own); another size rebuilds the
             model for it when its weights do not depend on the size.
         opset: ONNX opset, 17-20.
@@ -185,9 +262,9 @@ def to_onnx(
     if size != int(model.config["image_size"]):
         model = resized_model(model, size)
     device = next(iter(model.parameters()), torch.zeros(())).device
-    # fp16 converts a copy: .half() then .float() in place would round the caller's weights.
-    wrapped = _Deployed(copy.deepcopy(model).half() if fp16 else model, fp16).eval()
-    proto = _trace(wrapped, name, device, size, batch, dynamic_batch, opset, check_outputs)
+    proto = _trace(_Deployed(model).eval(), name, device, size, batch, dynamic_batch, opset, check_outputs)
+    if fp16:
+        proto = _to_fp16(proto)
     meta = _metadata(model, size, class_names, "fp16" if fp16 else "fp32", "dynamic" if dynamic_batch else batch)
     set_metadata(proto, meta)
     path = Path(path)
@@ -213,7 +290,7 @@ def _trace(wrapped: nn.Module, name: str, device, size: int, batch: int, dynamic
     dynamic_axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAMES[0]: {0: "batch"}, OUTPUT_NAMES[1]: {0: "batch"}} if dynamic_batch else None
     with tempfile.TemporaryDirectory(prefix="fastuad-export-") as tmp:
         raw = Path(tmp) / "raw.onnx"
-        with torch.no_grad(), exporting(), _quiet_trace():
+        with torch.no_grad(), exporting(), _quiet_trace(), _lowered_functions():
             torch.onnx.export(
                 wrapped,
                 (example,),
