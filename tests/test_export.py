@@ -376,7 +376,7 @@ def test_bad_inputs_name_the_cause(trained, tmp_path):
     ck = torch.load(trained["ckpt"], weights_only=False)
     ck["config"]["name"] = "no_such_model"
     torch.save(ck, tmp_path / "other.pt")
-    with pytest.raises(Exception, match="no_such_model"):
+    with pytest.raises(fastuad.errors.FastUADError, match="no_such_model"):
         load(tmp_path / "other.pt")
     ck["format"] = "fastuad-checkpoint-v0"
     torch.save(ck, tmp_path / "v0.pt")
