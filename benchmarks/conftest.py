@@ -279,11 +279,13 @@ class BenchHarness:
         bytes_read: int | None = None,
         bytes_label: str = "bytes_read",
         extra: dict[str, Any] | None = None,
+        max_rounds: int | None = None,
     ) -> None:
         """Time ``fn`` (already checked and warm) and record the result.
 
         ``bytes_read`` is the traffic the op cannot avoid; ``achieved_GBps`` divides it by the
-        median time. ``bytes_label`` names it in the record.
+        median time. ``bytes_label`` names it in the record. ``max_rounds`` caps the rounds (and
+        the warm-up at one round) for workloads whose one call takes seconds on a CPU (``e2e``).
         """
         on_cuda = device.type == "cuda"
         interpreted = device.type == "cpu" and self.context.get("backend") == "triton" and triton_interpret()
@@ -309,6 +311,8 @@ class BenchHarness:
         else:
             rounds = min(max(min_rounds, math.ceil(max_time / one)), MAX_ROUNDS)
             warmup = min(max(2, math.ceil(WARMUP_SECONDS.get(device.type, 0.05) / one)), MAX_WARMUP_ROUNDS)
+        if max_rounds is not None:
+            rounds, warmup = max(1, min(rounds, max_rounds)), min(warmup, 1)
 
         peak_mem = peak_extra = None
         if on_cuda:

@@ -1,4 +1,4 @@
-"""The ``fastuad`` command: ``train``, ``eval``, ``predict``, ``demo`` and ``info``.
+"""The ``fastuad`` command: ``train``, ``eval``, ``predict``, ``export``, ``demo`` and ``info``.
 
 User mistakes (a missing data root, an unknown model or backbone, a checkpoint of another
 model, ``--device cuda`` without a GPU, an output folder that holds another run, a full disk)
@@ -143,11 +143,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from fastuad.engine import load_checkpoint, predict
+    from fastuad.deploy import load
+    from fastuad.engine import predict
 
     device = _device(args.device)
     _set_threads(args.threads, device)
-    model, _ = load_checkpoint(args.checkpoint, device)
+    model = load(args.checkpoint, device)  # .pt, .onnx or .engine
     rows = predict(model, args.images, args.out, device, args.batch_size, progress=not args.no_progress)
     for path, score, _heatmap in rows:
         print(f"{score:10.5f}  {path}")
@@ -260,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser("predict", help="heatmap overlays and image scores for image files")
-    pr.add_argument("--checkpoint", required=True)
+    pr.add_argument("--checkpoint", required=True, help="a .pt checkpoint, an .onnx export or a TensorRT .engine")
     pr.add_argument("images", nargs="+")
     pr.add_argument("--out", required=True)
     _common(pr)
@@ -274,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     _common(demo, batch_size=None)  # the model recipe's batch size unless --batch-size is given
     demo.set_defaults(func=cmd_demo)
+
+    from fastuad.export.cli import add_parser as add_export_parser
+
+    add_export_parser(sub)
 
     info = sub.add_parser("info", help="versions, backends and registered models")
     info.set_defaults(func=cmd_info)

@@ -3,7 +3,7 @@
 Every op takes ``backend="auto" | "torch" | "triton" | "cuda"``; see :mod:`fastuad.ops._dispatch`.
 """
 
-from fastuad.ops._dispatch import BACKENDS, BackendUnavailableError, OpCall, trace
+from fastuad.ops._dispatch import BACKENDS, BackendUnavailableError, OpCall, exporting, force_backend, is_exporting, trace
 from fastuad.ops.cosdist import cosine_distance, cosine_distance_reference
 from fastuad.ops.cosmap import (
     cosine_distance_map,
@@ -20,6 +20,9 @@ __all__ = [
     "BackendUnavailableError",
     "OpCall",
     "trace",
+    "force_backend",
+    "exporting",
+    "is_exporting",
     "cosine_distance",
     "cosine_distance_reference",
     "cosine_distance_map",

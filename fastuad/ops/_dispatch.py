@@ -5,6 +5,16 @@ given call (:meth:`Backend.not_supported_reasons`); an empty list means it can. 
 the op's preference order for the inputs' device and takes the first backend with no reasons.
 A backend named explicitly either runs or raises :class:`BackendUnavailableError` with its
 reasons: it never falls back silently.
+
+Two things override the backend a caller asked for, for every op at once:
+
+- :func:`force_backend` (``with fastuad.ops.force_backend("torch"): model(x)``) runs every op
+  call in the block on the named backend, e.g. the pure-PyTorch references for a baseline
+  timing or a parity check; a forced backend that cannot run raises as if named explicitly.
+- ONNX export (:func:`is_exporting`: ``torch.onnx.is_in_onnx_export()`` or the exporter's own
+  :func:`exporting` block) always takes the ``"torch"`` reference, so the fused ops lower to
+  standard ONNX operators; ops whose reference loops over chunks give a plain lowering then
+  (``knn``: one matmul + TopK).
 """
 
 from __future__ import annotations
@@ -133,6 +143,44 @@ class OpCall:
 
 
 _TRACES: list[list[OpCall]] = []
+_FORCED: list[str] = []
+_EXPORTING: list[bool] = []
+
+
+@contextlib.contextmanager
+def force_backend(backend: str) -> Iterator[None]:
+    """Run every fused-op call inside the block on ``backend``, whatever the caller asked for.
+
+    ``with fastuad.ops.force_backend("torch"): model(images)`` times or checks a whole model on
+    the pure-PyTorch references; ``"auto"`` restores the normal choice. Blocks nest (the
+    innermost wins).
+    """
+    check_backend_name(backend)
+    _FORCED.append(backend)
+    try:
+        yield
+    finally:
+        _FORCED.pop()
+
+
+@contextlib.contextmanager
+def exporting() -> Iterator[None]:
+    """Mark the block as an export trace: every op takes its ``"torch"`` reference lowering."""
+    _EXPORTING.append(True)
+    try:
+        yield
+    finally:
+        _EXPORTING.pop()
+
+
+def is_exporting() -> bool:
+    """True inside :func:`exporting` or while ``torch.onnx.export`` traces a model."""
+    if _EXPORTING:
+        return True
+    try:
+        return bool(torch.onnx.is_in_onnx_export())
+    except Exception:  # pragma: no cover - torch.onnx unavailable in a stripped build
+        return False
 
 
 @contextlib.contextmanager
@@ -188,6 +236,10 @@ def select_backend(
     cuda, triton, torch on CUDA tensors and torch alone on CPU tensors.
     """
     check_backend_name(backend)
+    if is_exporting():
+        backend = "torch"
+    elif _FORCED:
+        backend = _FORCED[-1]
     if backend == "auto":
         on_cuda = all(t.is_cuda for t in tensors)
         order = ("cuda", "triton", "torch") if on_cuda else ("torch",)

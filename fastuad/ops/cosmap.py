@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from fastuad.ops._cuda_ext import _C, cuda_ext_reasons
 from fastuad.ops import cosdist
 from fastuad.ops._compile import CompileTarget, launch_target
-from fastuad.ops._dispatch import HAS_TRITON, Backend, select_backend, standard_backends
+from fastuad.ops._dispatch import HAS_TRITON, Backend, is_exporting, select_backend, standard_backends
 from fastuad.ops._launch import cdiv, dot_precision, dot_precision_for, gpu_tiles, interpreter_tiles
 from fastuad.ops._validate import check_positive_float, check_same, check_tensor
 from fastuad.ops.cosdist import cosine_distance_reference, cosine_distance_triton_forward
@@ -90,13 +90,23 @@ def reflect_index(idx: torch.Tensor, size: int) -> torch.Tensor:
     return torch.where(idx >= size, period - 1 - idx, idx)
 
 
+def _reflect_np(r: int, size: int) -> np.ndarray:
+    """:func:`reflect_index` of ``-r .. size + r - 1`` as a NumPy array (a constant when traced)."""
+    idx = np.remainder(np.arange(-r, size + r), 2 * size)
+    return np.where(idx >= size, 2 * size - 1 - idx, idx).astype(np.int64)
+
+
 def gaussian_blur_reference(m: torch.Tensor, sigma: float, truncate: float = TRUNCATE) -> torch.Tensor:
     """Separable Gaussian blur of ``[B, 1, H, W]`` maps equal to ``scipy.ndimage.gaussian_filter``."""
     g = torch.as_tensor(gaussian_kernel1d(sigma, truncate), dtype=m.dtype, device=m.device)
     r = (g.numel() - 1) // 2
     H, W = m.shape[-2:]
-    rows = reflect_index(torch.arange(-r, H + r, device=m.device), H)
-    cols = reflect_index(torch.arange(-r, W + r, device=m.device), W)
+    if is_exporting():  # constant gather indices in the graph (no Range/Mod on traced sizes)
+        rows = torch.as_tensor(_reflect_np(r, int(H)), device=m.device)
+        cols = torch.as_tensor(_reflect_np(r, int(W)), device=m.device)
+    else:
+        rows = reflect_index(torch.arange(-r, H + r, device=m.device), H)
+        cols = reflect_index(torch.arange(-r, W + r, device=m.device), W)
     padded = m.index_select(-2, rows).index_select(-1, cols)
     out = F.conv2d(padded, g.view(1, 1, -1, 1))
     return F.conv2d(out, g.view(1, 1, 1, -1))

@@ -28,6 +28,7 @@ import torch
 from fastuad.ops._dispatch import (
     HAS_TRITON,
     TRITON_INTERPRET,
+    is_exporting,
     select_backend,
     standard_backends,
 )
@@ -42,6 +43,7 @@ if HAS_TRITON:
 __all__ = [
     "knn",
     "knn_reference",
+    "knn_dense_reference",
     "knn_chunked_matmul_topk",
     "knn_cdist_topk",
     "KNN_BACKENDS",
@@ -92,6 +94,26 @@ def knn_reference(
         dist[q0 : q0 + query_chunk] = best_d.sqrt()
         index[q0 : q0 + query_chunk] = best_i
     return dist, index
+
+
+def knn_dense_reference(query: torch.Tensor, bank: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The export lowering of :func:`knn`: one ``|q|² - 2 q·bᵀ + |b|²`` matmul and one TopK.
+
+    Same math as :func:`knn_reference` without the chunk loops (whose trip counts would be
+    frozen into a traced graph); it materialises ``[N, M]`` distances, which ONNX Runtime and
+    TensorRT handle for the bank sizes of a deployed model.
+    """
+    dt = out_dtype(query.dtype)
+    q, b = query.to(dt), bank.to(dt)
+    d2 = (q.pow(2).sum(dim=1, keepdim=True) - 2.0 * (q @ b.t()) + b.pow(2).sum(dim=1).unsqueeze(0)).clamp_min(0.0)
+    dist, index = d2.topk(k, dim=1, largest=False)
+    return dist.sqrt(), index
+
+
+def _run_torch(query: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if is_exporting():
+        return knn_dense_reference(query, bank, k)
+    return knn_reference(query, bank, k)
 
 
 def knn_chunked_matmul_topk(
@@ -223,7 +245,7 @@ def _triton_check(tensors, k: int = 1, **_) -> list[str]:
 
 
 KNN_BACKENDS = standard_backends(
-    knn_reference, knn_triton, dtypes=_KNN_DTYPES, fused_dtypes=_FUSED_DTYPES, check=_triton_check
+    _run_torch, knn_triton, dtypes=_KNN_DTYPES, fused_dtypes=_FUSED_DTYPES, check=_triton_check
 )
 
 

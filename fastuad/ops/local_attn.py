@@ -40,12 +40,15 @@ from __future__ import annotations
 import functools
 import math
 
+import numpy as np
+
 import torch
 import torch.nn.functional as F
 
 from fastuad.ops._dispatch import (
     HAS_TRITON,
     TRITON_INTERPRET,
+    is_exporting,
     select_backend,
     standard_backends,
 )
@@ -134,8 +137,12 @@ def _check_inputs(q, k, v, window, mode, scale) -> tuple[tuple[int, int], str, f
 
 def window_mask(grid: tuple[int, int], window: int | tuple[int, int], mode: str = "inside", device=None) -> torch.Tensor:
     """Boolean ``[L, L]`` (``L = H·W``, row-major tokens): ``mask[query, key]`` is True where attended."""
-    H, W = grid
+    H, W = int(grid[0]), int(grid[1])
     r_h, r_w = (w // 2 for w in parse_window(window))
+    if is_exporting():  # a constant [L, L] initializer in the graph, not index arithmetic
+        rr, cc = np.divmod(np.arange(H * W), W)
+        inside_np = (np.abs(rr[:, None] - rr[None, :]) <= r_h) & (np.abs(cc[:, None] - cc[None, :]) <= r_w)
+        return torch.as_tensor(inside_np if check_mode(mode) == "inside" else ~inside_np, device=device)
     rows = torch.arange(H, device=device).repeat_interleave(W)
     cols = torch.arange(W, device=device).repeat(H)
     inside = ((rows[:, None] - rows[None, :]).abs() <= r_h) & ((cols[:, None] - cols[None, :]).abs() <= r_w)
