@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CompileTarget"]
+__all__ = ["CompileTarget", "signature"]
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,10 @@ class CompileTarget:
     ``"*fp32"``, ``"*i64"``, ``"i32"``, ``"i64"``, ``"fp32"``, ``"constexpr"``); ``constexprs``
     gives the value of each constexpr argument. ``config`` is a short human-readable label
     (dtype, tiles, warps, stages, flags); ``workload`` names the shape it was derived from.
+    ``divisible_by_16`` names the arguments a real launch of that workload sees as multiples of
+    16 (pointers 16-byte aligned, ints divisible by 16), which Triton's JIT specialises on:
+    without them a compile misses the vectorised loads and pipelining the GPU gets, and reports
+    far more registers than the launch uses. Pass them to ``ASTSource`` as :meth:`attrs`.
     """
 
     kernel: Any  # triton JITFunction
@@ -34,9 +38,31 @@ class CompileTarget:
     workload: str
     hot: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    divisible_by_16: tuple[str, ...] = ()
+
+    def attrs(self) -> dict[tuple[int, ...], list]:
+        """``ASTSource(..., attrs=)``: ``tt.divisibility = 16`` on the arguments in ``divisible_by_16``."""
+        names = list(self.kernel.arg_names)
+        return {(names.index(n),): [["tt.divisibility", 16]] for n in self.divisible_by_16}
 
     @property
     def name(self) -> str:
         """The kernel's Python function name."""
         fn = getattr(self.kernel, "fn", self.kernel)
         return getattr(fn, "__name__", str(fn))
+
+
+def signature(kernel: Any, types: dict[str, str], constexprs: dict[str, Any]) -> dict[str, str]:
+    """A kernel's full ``signature`` for :class:`CompileTarget`, in argument order.
+
+    ``types`` maps the runtime arguments (pointers and scalars) to Triton types; every name in
+    ``constexprs`` becomes ``"constexpr"``. A missing or unknown name raises, so a kernel whose
+    arguments change cannot silently drift from its compile targets.
+    """
+    names = list(kernel.arg_names)
+    extra = set(types) | set(constexprs)
+    unknown = extra - set(names)
+    missing = [n for n in names if n not in extra]
+    if unknown or missing:
+        raise ValueError(f"signature of {getattr(kernel, '__name__', kernel)}: unknown {sorted(unknown)}, missing {missing}")
+    return {n: ("constexpr" if n in constexprs else types[n]) for n in names}

@@ -6,7 +6,9 @@ call from the host, which adds up on the ~100 µs ops this library is about.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from typing import Iterator
 
 import torch
 
@@ -24,6 +26,27 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """Smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(0, (n - 1).bit_length())
+
+
+_FORCE_GPU_TILES = False
+
+
+def interpreter_tiles() -> bool:
+    """Whether launchers pick the interpreter's small tiles: under ``TRITON_INTERPRET``, unless
+    :func:`gpu_tiles` forces the GPU configuration."""
+    return TRITON_INTERPRET and not _FORCE_GPU_TILES
+
+
+@contextlib.contextmanager
+def gpu_tiles() -> Iterator[None]:
+    """Inside the block, launchers choose their GPU launch configuration (tiles, warps, stages)
+    even under the interpreter: tests use it to check the numbers of the code path a GPU runs."""
+    global _FORCE_GPU_TILES
+    saved, _FORCE_GPU_TILES = _FORCE_GPU_TILES, True
+    try:
+        yield
+    finally:
+        _FORCE_GPU_TILES = saved
 
 
 @functools.lru_cache(maxsize=8)
