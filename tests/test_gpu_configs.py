@@ -85,3 +85,24 @@ def test_local_attention_gpu_config(mode, dtype):
     torch.testing.assert_close(out, ref, **tol)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got.float(), want.float(), **tol)
+
+
+def test_limits_are_dispatch_reasons():
+    """Shapes past what the kernels compile for: backend="triton" names the limit, "auto" on CPU
+    tensors still answers (the reference), and the reasons list the limit for "auto" on CUDA."""
+    from fastuad.ops import BackendUnavailableError
+    from fastuad.ops.local_attn import LOCAL_ATTENTION_BACKENDS, MAX_HEAD_DIM
+    from fastuad.ops.memory import MAX_FEATURE_DIM, MEMORY_READ_BACKENDS
+
+    q = torch.randn(4, MAX_FEATURE_DIM + 16, device=TRITON_DEVICE)
+    mem = torch.randn(5, MAX_FEATURE_DIM + 16, device=TRITON_DEVICE)
+    with pytest.raises(BackendUnavailableError, match=f"D <= {MAX_FEATURE_DIM}"):
+        memory_read(q, mem, backend="triton")
+    assert MEMORY_READ_BACKENDS["triton"].not_supported_reasons((q[:, :MAX_FEATURE_DIM], mem[:, :MAX_FEATURE_DIM])) == []
+    x = torch.randn(1, 3, 3, 1, MAX_HEAD_DIM * 2, device=TRITON_DEVICE)
+    with pytest.raises(BackendUnavailableError, match=f"head dims up to {MAX_HEAD_DIM}"):
+        local_attention(x, x, x, 3, backend="triton")
+    reasons = LOCAL_ATTENTION_BACKENDS["triton"].not_supported_reasons((x, x, x))
+    assert any(str(MAX_HEAD_DIM) in r for r in reasons)
+    assert LOCAL_ATTENTION_BACKENDS["triton"].not_supported_reasons((x[..., :MAX_HEAD_DIM],) * 3) == []
+    assert local_attention(x.cpu(), x.cpu(), x.cpu(), 3).shape == x.shape  # auto on CPU: the reference
