@@ -9,10 +9,12 @@ implementation here ever materialises it.
   ``|q|² - 2 q·b + |b|²`` per tile in float32 and merges each tile's ``k`` best into a running
   ``[N, k]`` result. Memory ``O(N·k + tiles)``.
 * Triton: a program owns a block of queries and streams the bank in tiles. The tile's squared
-  distances come from ``tl.dot`` (fp32 accumulation; fp16/bf16 inputs go to the tensor cores),
-  and a running top-k lives in registers: distance and index are packed into one int64 key
-  (a non-negative float's bits order like the float), the tile is sorted, its ``k`` best are
-  joined with the running ``k`` best and sorted again. Nothing but ``[N, k]`` is written.
+  distances come from ``tl.dot`` (fp32 accumulation; fp16/bf16 inputs go to the tensor cores)
+  and become int32 order keys (a non-negative float's bits order like the float). A running
+  best-``k`` set per query lives unsorted in registers; while some query's smallest remaining
+  tile key beats its current worst, that key replaces the worst (min/max reductions, at most
+  ``k`` rounds a tile, usually none once the set is good). The set is written in ascending
+  order at the end. Nothing but ``[N, k]`` is written; bank norms can be passed precomputed.
 * Baselines for the benchmark: :func:`knn_chunked_matmul_topk` (what anomalib does: a full row
   of ``M`` distances per chunk of queries, then ``topk``) and :func:`knn_cdist_topk`
   (``torch.cdist`` + ``topk``, the whole matrix at once).
