@@ -106,3 +106,26 @@ def test_limits_are_dispatch_reasons():
     assert any(str(MAX_HEAD_DIM) in r for r in reasons)
     assert LOCAL_ATTENTION_BACKENDS["triton"].not_supported_reasons((x[..., :MAX_HEAD_DIM],) * 3) == []
     assert local_attention(x.cpu(), x.cpu(), x.cpu(), 3).shape == x.shape  # auto on CPU: the reference
+
+
+@pytest.mark.parametrize("module", ["knn_search", "memory", "local_attn"])
+def test_compile_targets_cover_every_launched_kernel(module):
+    """Every kernel the module launches (``name[grid](``) has a hot compile target, each target's
+    signature types every argument, and the constexprs are the launchers' GPU choices."""
+    import importlib
+    import inspect
+    import re
+
+    mod = importlib.import_module(f"fastuad.ops.{module}")
+    launched = set(re.findall(r"(\w+)\[\(?[^\]]*\]\(", inspect.getsource(mod)))
+    launched = {n for n in launched if hasattr(getattr(mod, n, None), "arg_names")}
+    targets = mod.compile_targets()
+    assert launched and launched <= {t.name for t in targets if t.hot}
+    for t in targets:
+        assert list(t.signature) == list(t.kernel.arg_names)
+        assert {n for n, ty in t.signature.items() if ty == "constexpr"} == set(t.constexprs)
+        assert set(t.divisible_by_16) <= set(t.signature)
+    if module == "knn_search":
+        cfg = knn_config(9, 1536, torch.float32, gpu=True)
+        assert any(t.hot and t.constexprs["KP"] == cfg.kp and t.constexprs["BLOCK_D"] == cfg.block_d and t.num_warps == cfg.num_warps
+                   for t in targets)
