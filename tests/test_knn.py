@@ -112,3 +112,68 @@ _Q, _B = torch.randn(4, 8), torch.randn(6, 8)
 def test_bad_input_names_the_argument(args, exc, match):
     with pytest.raises(exc, match=match):
         knn(*args)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nan_ranks_last_on_every_backend(backend):
+    """A NaN bank row is never a neighbour while numbers remain; a NaN query gets NaN distances.
+
+    Without the NaN handling the Triton kernel clamped a NaN squared distance to 0 and returned
+    the NaN row as every query's nearest neighbour at distance 0.
+    """
+    q, b = _data(6, 20, 8, seed=3)
+    b[4] = float("nan")
+    q[5] = float("nan")
+    dist, index = knn(q, b, 3, backend=backend)
+    ref_d, _ = knn_reference(q, b, 3)
+    torch.testing.assert_close(dist, ref_d, atol=1e-4, rtol=1e-5, equal_nan=True)
+    assert not bool((index[:5] == 4).any())
+    assert bool(torch.isnan(dist[5]).all()) and bool(torch.isfinite(dist[:5]).all())
+    # k larger than the number of finite rows: the NaN row comes last, as NaN
+    d_all, i_all = knn(q[:1], b, 20, backend=backend)
+    assert int(i_all[0, -1]) == 4 and bool(torch.isnan(d_all[0, -1])) and bool(torch.isfinite(d_all[0, :-1]).all())
+
+
+def test_bank_offsets_beyond_int32():
+    """Bank rows 2**30 elements apart: the third row starts at element 2**31, where the old int32
+    offset ``j * stride`` wrapped negative (a wrong row or a crash). Only three rows of the
+    4 GiB fp16 storage are touched."""
+    storage = torch.empty(2**31 + 16, dtype=torch.float16)
+    bank = storage.as_strided((3, 16), (2**30, 1))
+    bank.copy_(torch.randn(3, 16).half())
+    q = torch.randn(5, 16).half()
+    if TRITON_DEVICE != "cpu":
+        pytest.skip("a 4 GiB strided bank is a CPU-only test")
+    dist, index = knn(q, bank, 2, backend="triton")
+    ref_d, _ = knn_reference(q, bank.contiguous(), 2)
+    torch.testing.assert_close(dist, ref_d, atol=1e-3, rtol=1e-4)
+    _check(dist, index, q, bank.contiguous(), 2, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bank_sq_norms_are_used_and_checked(backend):
+    from fastuad.ops.knn_search import bank_sq_norms
+
+    q, b = _data(7, 30, 12, seed=4)
+    norms = bank_sq_norms(b)
+    torch.testing.assert_close(norms, b.double().pow(2).sum(1).float(), atol=1e-4, rtol=1e-5)
+    d1, i1 = knn(q, b, 3, backend=backend, bank_sq_norms=norms)
+    torch.testing.assert_close(d1, knn(q, b, 3, backend=backend)[0])
+    # the norms given are the ones used (not recomputed): inflate one row's norm and it is never chosen
+    bad = norms.clone()
+    bad[i1[:, 0]] += 1e6
+    _, i2 = knn(q, b, 1, backend=backend, bank_sq_norms=bad)
+    assert not bool((i2[:, 0] == i1[:, 0]).any())
+    with pytest.raises(ValueError, match="bank_sq_norms must be a tensor"):
+        knn(q, b, 1, backend=backend, bank_sq_norms=norms[:-1])
+    with pytest.raises(TypeError, match="bank_sq_norms must be"):
+        knn(q, b, 1, backend=backend, bank_sq_norms=norms.double())
+
+
+def test_bank_sq_norms_chunks_half_banks_in_float32():
+    from fastuad.ops.knn_search import bank_sq_norms
+
+    b = (torch.randn(37, 20) * 300).half()  # squares overflow float16
+    got = bank_sq_norms(b, chunk_elems=100)  # 5 rows per chunk
+    assert got.dtype == torch.float32 and bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got, b.float().pow(2).sum(1))

@@ -105,3 +105,27 @@ def test_memory_bank_errors():
     bank.fit(torch.randn(3, 4))
     with pytest.raises(ValueError, match="k must be at most the bank size"):
         bank(torch.randn(2, 4), k=4)
+
+
+def test_memory_bank_keeps_squared_norms_for_knn(monkeypatch):
+    """fit() computes the bank's squared norms once; searches pass them to knn instead of
+    recomputing them; loading a checkpoint recomputes them for the loaded rows."""
+    import fastuad.nn.memory as nn_memory
+
+    feats = torch.randn(40, 6)
+    bank = MemoryBank(6, backend="torch").fit(feats)
+    torch.testing.assert_close(bank.sq_norms, feats.pow(2).sum(1))
+    assert "sq_norms" not in bank.state_dict()
+    calls = []
+    real = nn_memory.bank_sq_norms
+    monkeypatch.setattr(nn_memory, "bank_sq_norms", lambda x: calls.append(x.shape) or real(x))
+    seen = {}
+    real_knn = nn_memory.knn
+    monkeypatch.setattr(nn_memory, "knn", lambda *a, **kw: seen.update(kw) or real_knn(*a, **kw))
+    q = torch.randn(5, 6)
+    d, i = bank(q, k=2)
+    assert calls == [] and seen["bank_sq_norms"] is bank.sq_norms
+    torch.testing.assert_close(d, torch.cdist(q, feats).topk(2, largest=False).values, atol=1e-5, rtol=1e-5)
+    other = MemoryBank(6, backend="torch")
+    other.load_state_dict(MemoryBank(6).fit(feats[:7]).state_dict())
+    torch.testing.assert_close(other.sq_norms, feats[:7].pow(2).sum(1))

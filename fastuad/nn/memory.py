@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fastuad.ops._dispatch import check_backend_name
-from fastuad.ops.knn_search import knn
+from fastuad.ops.knn_search import bank_sq_norms, knn
 from fastuad.ops.memory import SIMILARITIES, memory_read
 
 __all__ = ["MemoryModule", "MemoryBank", "k_center_greedy"]
@@ -168,7 +168,9 @@ class MemoryBank(nn.Module):
 
     ``fit(features, coreset_ratio)`` stores (a coreset of) the features; ``forward(query, k)``
     returns ``(dist [N, k], index [N, k])``. The bank is a buffer: ``state_dict`` saves it and
-    ``load_state_dict`` restores it at its saved size.
+    ``load_state_dict`` restores it at its saved size. Its squared row norms are a second buffer
+    ``sq_norms`` (float32; float64 for a float64 bank; not saved), computed once in :meth:`fit` (and on load) and handed to
+    :func:`~fastuad.ops.knn` so that no search recomputes them over the whole bank.
     """
 
     def __init__(self, dim: int, backend: str = "auto") -> None:
@@ -179,6 +181,7 @@ class MemoryBank(nn.Module):
         self.dim = dim
         self.backend = backend
         self.register_buffer("features", torch.empty(0, dim))
+        self.register_buffer("sq_norms", torch.empty(0), persistent=False)
 
     def __len__(self) -> int:
         return self.features.shape[0]
@@ -204,20 +207,29 @@ class MemoryBank(nn.Module):
             num = max(1, round(coreset_ratio * features.shape[0]))
             features = features[k_center_greedy(features, num, projection_dim, seed)]
         self.features = features.detach().to(device=self.features.device, dtype=self.features.dtype).contiguous()
+        self._refresh_norms()
         return self
+
+    @torch.no_grad()
+    def _refresh_norms(self) -> None:
+        self.sq_norms = bank_sq_norms(self.features)
 
     def forward(self, query: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Distances ``[N, k]`` (ascending) and int64 indices of the ``k`` nearest stored rows."""
         if len(self) == 0:
             raise RuntimeError("MemoryBank is empty: call fit(features) first")
         bank = self.features if self.features.dtype == query.dtype else self.features.to(query.dtype)
-        return knn(query, bank, k, backend=self.backend)
+        if self.sq_norms.shape != (len(self),) or self.sq_norms.device != bank.device:
+            self._refresh_norms()  # features replaced or moved without fit()
+        norms = self.sq_norms.to(torch.float64 if bank.dtype == torch.float64 else torch.float32)
+        return knn(query, bank, k, backend=self.backend, bank_sq_norms=norms)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         saved = state_dict.get(prefix + "features")
         if isinstance(saved, torch.Tensor) and saved.dim() == 2 and saved.shape[1] == self.dim:
             self.features = torch.empty_like(saved, device=self.features.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._refresh_norms()
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, size={len(self)}"

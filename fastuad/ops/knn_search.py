@@ -9,10 +9,12 @@ implementation here ever materialises it.
   ``|q|² - 2 q·b + |b|²`` per tile in float32 and merges each tile's ``k`` best into a running
   ``[N, k]`` result. Memory ``O(N·k + tiles)``.
 * Triton: a program owns a block of queries and streams the bank in tiles. The tile's squared
-  distances come from ``tl.dot`` (fp32 accumulation; fp16/bf16 inputs go to the tensor cores),
-  and a running top-k lives in registers: distance and index are packed into one int64 key
-  (a non-negative float's bits order like the float), the tile is sorted, its ``k`` best are
-  joined with the running ``k`` best and sorted again. Nothing but ``[N, k]`` is written.
+  distances come from ``tl.dot`` (fp32 accumulation; fp16/bf16 inputs go to the tensor cores)
+  and become int32 order keys (a non-negative float's bits order like the float). A running
+  best-``k`` set per query lives unsorted in registers; while some query's smallest remaining
+  tile key beats its current worst, that key replaces the worst (min/max reductions, at most
+  ``k`` rounds a tile, usually none once the set is good). The set is written in ascending
+  order at the end. Nothing but ``[N, k]`` is written; bank norms can be passed precomputed.
 * Baselines for the benchmark: :func:`knn_chunked_matmul_topk` (what anomalib does: a full row
   of ``M`` distances per chunk of queries, then ``topk``) and :func:`knn_cdist_topk`
   (``torch.cdist`` + ``topk``, the whole matrix at once).
@@ -23,16 +25,18 @@ distances do not depend on it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 
 from fastuad.ops._dispatch import (
     HAS_TRITON,
-    TRITON_INTERPRET,
     is_exporting,
     select_backend,
     standard_backends,
 )
-from fastuad.ops._launch import cdiv, dot_precision, next_power_of_2
+from fastuad.ops._compile import CompileTarget, signature
+from fastuad.ops._launch import cdiv, dot_precision, dot_precision_for, interpreter_tiles, next_power_of_2
 from fastuad.ops._validate import check_tensor, out_dtype
 
 if HAS_TRITON:
@@ -44,6 +48,9 @@ __all__ = [
     "knn",
     "knn_reference",
     "knn_dense_reference",
+    "bank_sq_norms",
+    "knn_config",
+    "compile_targets",
     "knn_chunked_matmul_topk",
     "knn_cdist_topk",
     "KNN_BACKENDS",
@@ -60,22 +67,41 @@ _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # keys pack a fl
 # --------------------------------------------------------------------------------------------
 
 
-def _sq_norms(x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
-    return x.to(dt).pow(2).sum(dim=1)
+def bank_sq_norms(bank: torch.Tensor, chunk_elems: int = 2**24) -> torch.Tensor:
+    """Squared row norms ``[M]`` of a bank ``[M, D]``, summed in float32 (float64 stays).
+
+    Computed by chunks of rows, so a 16-bit bank is never copied to float32 whole. Pass the
+    result to :func:`knn` as ``bank_sq_norms=`` to search one bank many times without
+    recomputing it (:class:`fastuad.nn.MemoryBank` keeps it as a buffer).
+    """
+    dt = out_dtype(bank.dtype)
+    rows = max(1, chunk_elems // max(1, bank.shape[1]))
+    out = torch.empty(bank.shape[0], device=bank.device, dtype=dt)
+    for r0 in range(0, bank.shape[0], rows):
+        part = bank[r0 : r0 + rows].to(dt)
+        out[r0 : r0 + rows] = (part * part).sum(dim=1)
+    return out
 
 
 def knn_reference(
-    query: torch.Tensor, bank: torch.Tensor, k: int = 1, query_chunk: int = 4096, bank_chunk: int = 16384
+    query: torch.Tensor,
+    bank: torch.Tensor,
+    k: int = 1,
+    query_chunk: int = 4096,
+    bank_chunk: int = 16384,
+    bank_sq: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact k-NN by tiles of ``query_chunk × bank_chunk`` distances, merged into a running top-k.
 
-    Distances in float32 (float64 inputs: float64), ascending; indices int64.
+    Distances in float32 (float64 inputs: float64), ascending; indices int64. A NaN distance
+    ranks after every number (``torch.topk``'s order) and is returned as NaN. ``bank_sq``:
+    precomputed :func:`bank_sq_norms`.
     """
     dt = out_dtype(query.dtype)
     n = query.shape[0]
     dist = torch.empty((n, k), device=query.device, dtype=dt)
     index = torch.empty((n, k), device=query.device, dtype=torch.int64)
-    bank_sq = _sq_norms(bank, dt)
+    bank_sq = bank_sq_norms(bank) if bank_sq is None else bank_sq.to(dt)
     for q0 in range(0, n, query_chunk):
         q = query[q0 : q0 + query_chunk].to(dt)
         q_sq = q.pow(2).sum(dim=1, keepdim=True)
@@ -110,10 +136,13 @@ def knn_dense_reference(query: torch.Tensor, bank: torch.Tensor, k: int = 1) -> 
     return dist.sqrt(), index
 
 
-def _run_torch(query: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _run_torch(
+    query: torch.Tensor, bank: torch.Tensor, k: int, bank_sq: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch backend: the tiled reference, or its one-matmul lowering while exporting."""
     if is_exporting():
         return knn_dense_reference(query, bank, k)
-    return knn_reference(query, bank, k)
+    return knn_reference(query, bank, k, bank_sq=bank_sq)
 
 
 def knn_chunked_matmul_topk(
@@ -148,84 +177,202 @@ def knn_cdist_topk(query: torch.Tensor, bank: torch.Tensor, k: int = 1) -> tuple
 if HAS_TRITON:
 
     @triton.jit
-    def _k_best(keys, BLOCK_N: tl.constexpr, WIDTH: tl.constexpr, KP: tl.constexpr):
-        """The ``KP`` smallest keys of each row of ``[BLOCK_N, WIDTH]``, ascending.
+    def _d2_keys(q_sq, dot, b_sq, jmask):
+        """Order keys of squared distances ``|q|² - 2q·b + |b|²``: the int32 bits of the float.
 
-        After an ascending sort, the elementwise minimum over the ``WIDTH/KP`` groups of ``KP``
-        consecutive keys is the first group.
+        A non-negative float's bits order like the float. Negative rounding error is clamped to
+        +0, NaN becomes the canonical quiet NaN (ranks after every number, as in ``torch.topk``)
+        and padded slots get ``0x7FFFFFFF``, after everything.
         """
-        keys = tl.sort(keys, dim=1)
-        if WIDTH == KP:
-            return keys
-        return tl.min(tl.reshape(keys, [BLOCK_N, WIDTH // KP, KP]), axis=1)
+        d2 = q_sq[:, None] - 2.0 * dot + b_sq[None, :]
+        keys = tl.where(d2 > 0, d2, 0.0).to(tl.int32, bitcast=True)
+        keys = tl.where(d2 != d2, 0x7FC00000, keys)
+        return tl.where(jmask[None, :], keys, 0x7FFFFFFF)
 
     @triton.jit
     def _knn_kernel(
         q_ptr, b_ptr, qsq_ptr, bsq_ptr, dist_ptr, idx_ptr,
         N, M, D, K,
-        sq_n, sq_d, sb_m, sb_d,
+        sq_n, sb_m,
         DOT_PRECISION: tl.constexpr,
         KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
+        """``K`` nearest bank rows of ``BLOCK_N`` queries, streaming the bank in ``BLOCK_M`` tiles.
+
+        The running best is an unsorted ``[BLOCK_N, KP]`` set of (key, index). Per tile, while
+        some query's smallest remaining tile key beats its current worst, that key replaces the
+        worst and leaves the tile: at most ``KP`` rounds, usually none once the set is good.
+        Selection by ``min``/``max`` reductions keeps only ``int32`` tiles in registers (a full
+        sort of a 64-wide int64 tile spilled). Pointers advance in 64 bits per tile, so banks
+        with ``M·D >= 2**31`` elements are addressed correctly.
+        """
         pid = tl.program_id(0)
-        rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rmask = rows < N
-        q_sq = tl.load(qsq_ptr + rows, mask=rmask, other=0.0)
-        # Running best keys: (float bits of d² << 32) | bank index; +inf distance to start.
-        empty = (tl.full([BLOCK_N, KP], 0x7F800000, tl.int64) << 32) | 0x7FFFFFFF
-        best = empty
+        row0 = pid * BLOCK_N
+        r = tl.arange(0, BLOCK_N)
+        rmask = row0 + r < N
+        q_rows = q_ptr + row0.to(tl.int64) * sq_n
+        q_sq = tl.load(qsq_ptr + row0 + r, mask=rmask, other=0.0)
+        cols = tl.arange(0, BLOCK_M)
+        kcol = tl.arange(0, KP)
+        best = tl.full([BLOCK_N, KP], 0x7FFFFFFF, tl.int32)
+        best_i = tl.zeros([BLOCK_N, KP], tl.int32)
+        b_rows = b_ptr  # advanced by BLOCK_M rows per tile: 64-bit pointer arithmetic
         for m0 in range(0, M, BLOCK_M):
-            j = m0 + tl.arange(0, BLOCK_M)
-            jmask = j < M
+            jmask = m0 + cols < M
             dot = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
             for d0 in range(0, D, BLOCK_D):
                 dd = d0 + tl.arange(0, BLOCK_D)
                 dmask = dd < D
-                q = tl.load(q_ptr + rows[:, None] * sq_n + dd[None, :] * sq_d, mask=rmask[:, None] & dmask[None, :], other=0.0)
-                b = tl.load(b_ptr + j[:, None] * sb_m + dd[None, :] * sb_d, mask=jmask[:, None] & dmask[None, :], other=0.0)
+                q = tl.load(q_rows + r[:, None] * sq_n + dd[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+                b = tl.load(b_rows + cols[:, None] * sb_m + dd[None, :], mask=jmask[:, None] & dmask[None, :], other=0.0)
                 dot = tl.dot(q, tl.trans(b), dot, input_precision=DOT_PRECISION)
-            b_sq = tl.load(bsq_ptr + j, mask=jmask, other=0.0)
-            d2 = tl.maximum(q_sq[:, None] - 2.0 * dot + b_sq[None, :], 0.0)
-            d2 = tl.where(jmask[None, :], d2, float("inf"))
-            keys = (d2.to(tl.int32, bitcast=True).to(tl.int64) << 32) | j[None, :].to(tl.int64)
-            tile_best = _k_best(keys, BLOCK_N, BLOCK_M, KP)
-            merged = tl.reshape(tl.join(best, tile_best), [BLOCK_N, 2 * KP])
-            best = _k_best(merged, BLOCK_N, 2 * KP, KP)
-        d2 = (best >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-        idx = best & 0xFFFFFFFF
-        col = tl.arange(0, KP)
-        omask = rmask[:, None] & (col < K)[None, :]
-        out = rows[:, None] * K + col[None, :]
-        tl.store(dist_ptr + out, tl.sqrt(d2), mask=omask)
-        tl.store(idx_ptr + out, idx, mask=omask)
+            b_sq = tl.load(bsq_ptr + m0 + cols, mask=jmask, other=0.0)
+            keys = _d2_keys(q_sq, dot, b_sq, jmask)
+            t, t_pos = tl.min(keys, axis=1, return_indices=True)
+            worst, w_pos = tl.max(best, axis=1, return_indices=True)
+            while tl.max((t < worst).to(tl.int32), axis=0) > 0:
+                take = (t < worst)[:, None] & (kcol[None, :] == w_pos[:, None])
+                best = tl.where(take, t[:, None], best)
+                best_i = tl.where(take, (m0 + t_pos)[:, None], best_i)
+                keys = tl.where(cols[None, :] == t_pos[:, None], 0x7FFFFFFF, keys)
+                t, t_pos = tl.min(keys, axis=1, return_indices=True)
+                worst, w_pos = tl.max(best, axis=1, return_indices=True)
+            b_rows += BLOCK_M * sb_m
+        # Write the set in ascending order: K rounds of extracting the smallest.
+        out = (row0 + r).to(tl.int64) * K
+        for i in range(0, K):
+            v, pos = tl.min(best, axis=1, return_indices=True)
+            sel = kcol[None, :] == pos[:, None]
+            idx = tl.sum(tl.where(sel, best_i, 0), axis=1)
+            best = tl.where(sel, 0x7FFFFFFF, best)
+            omask = rmask
+            tl.store(dist_ptr + out + i, tl.sqrt(v.to(tl.float32, bitcast=True)), mask=omask)
+            tl.store(idx_ptr + out + i, idx.to(tl.int64), mask=omask)
 
 
-def _knn_blocks(k: int, dim: int) -> tuple[int, int, int, int, int]:
-    """(KP, BLOCK_N, BLOCK_M, BLOCK_D, num_warps); tiles are powers of two, ``BLOCK_M >= KP``."""
-    kp = max(2, next_power_of_2(k))
-    if TRITON_INTERPRET:
-        return kp, 16, max(16, kp), 16, 4
-    block_d = min(64, max(16, next_power_of_2(dim)))
-    return kp, 64, max(64, kp), block_d, 4 if kp <= 16 else 8
+@dataclass(frozen=True)
+class KnnConfig:
+    """Launch configuration of :func:`_knn_kernel`: running top-k width ``kp``, tiles, warps, stages."""
+
+    kp: int
+    block_n: int
+    block_m: int
+    block_d: int
+    num_warps: int
+    num_stages: int
 
 
-def knn_triton(query: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the streaming top-k kernel (``k <= MAX_FUSED_K``)."""
+def knn_config(k: int, dim: int, dtype: torch.dtype, gpu: bool | None = None) -> KnnConfig:
+    """The launch configuration for ``k`` neighbours of ``dim``-wide ``dtype`` rows.
+
+    ``gpu=None`` follows the process (the interpreter's small tiles under ``TRITON_INTERPRET``
+    unless :func:`fastuad.ops._launch.gpu_tiles` is active); ``True`` is what a GPU launch uses.
+    Tiles are powers of two and ``BLOCK_M >= KP``.
+    """
+    kp = next_power_of_2(k)
+    if gpu is None:
+        gpu = not interpreter_tiles()
+    if not gpu:
+        return KnnConfig(kp, 16, max(16, kp), 16, 4, 2)
+    # fp32 runs 3xTF32 products (each operand split in two): a 64-wide D step spills there.
+    block_d = min(32 if dtype == torch.float32 else 64, max(16, next_power_of_2(dim)))
+    return KnnConfig(kp, 64, max(64, kp), block_d, 4 if kp <= 16 else 8, 2)
+
+
+_INT32_SPAN = 2**31
+
+
+def _unit_inner_stride(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x`` with unit stride along D, and a row stride whose in-tile offsets (``rows`` rows)
+    fit in int32; copied only when it has neither (a column-major or oddly strided view)."""
+    if x.stride(1) == 1 and x.stride(0) * rows < _INT32_SPAN:
+        return x
+    return x.contiguous()
+
+
+def knn_triton(
+    query: torch.Tensor, bank: torch.Tensor, k: int, bank_sq: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the streaming top-k kernel (``k <= MAX_FUSED_K``); ``bank_sq`` as from :func:`bank_sq_norms`."""
     n, dim = query.shape
     m = bank.shape[0]
     dist = torch.empty((n, k), device=query.device, dtype=torch.float32)
     index = torch.empty((n, k), device=query.device, dtype=torch.int64)
     if n == 0:
         return dist, index
-    q_sq = _sq_norms(query, torch.float32)
-    b_sq = _sq_norms(bank, torch.float32)
-    kp, block_n, block_m, block_d, warps = _knn_blocks(k, dim)
-    _knn_kernel[(cdiv(n, block_n),)](
-        query, bank, q_sq, b_sq, dist, index, n, m, dim, k, *query.stride(), *bank.stride(),
+    cfg = knn_config(k, dim, query.dtype)
+    query = _unit_inner_stride(query, cfg.block_n)
+    bank = _unit_inner_stride(bank, cfg.block_m)
+    q_sq = bank_sq_norms(query)
+    b_sq = bank_sq_norms(bank) if bank_sq is None else bank_sq.float().contiguous()
+    _knn_kernel[(cdiv(n, cfg.block_n),)](
+        query, bank, q_sq, b_sq, dist, index, n, m, dim, k, query.stride(0), bank.stride(0),
         DOT_PRECISION=dot_precision(query.device, query.dtype),
-        KP=kp, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
+        KP=cfg.kp, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return dist, index
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time compile targets
+# --------------------------------------------------------------------------------------------
+
+_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+# (workload, D, ks, dtypes, hot): DESIGN.md's knn benchmark, then PatchCore's banks (features of
+# two backbone levels, D from ~160 to 1536, k = 1..9).
+_KNN_WORKLOADS = (
+    ("bench knn N=32768 D=1536 M=200000", 1536, (1, 9), (torch.float16, torch.float32), True),
+    ("patchcore bank D=160..1536", 160, tuple(range(1, 10)), (torch.float16, torch.bfloat16, torch.float32), False),
+    ("patchcore bank D=160..1536", 1536, tuple(range(1, 10)), (torch.float16, torch.bfloat16, torch.float32), False),
+    ("largest fused k", 1536, (MAX_FUSED_K,), (torch.float16, torch.float32), False),
+)
+
+
+def _gpu_dot_precision(dtype: torch.dtype) -> str:
+    """What ``dot_precision`` gives a CUDA sm_80+ launch of ``dtype`` inputs."""
+    return dot_precision_for(dtype, (9, 0))
+
+
+def _aligned(types: dict[str, str], dim: int) -> tuple[str, ...]:
+    """Arguments a launch on fresh contiguous tensors sees as multiples of 16: every pointer,
+    and the row strides and ``D`` when ``D`` is (all the workloads' ``D`` are)."""
+    names = [n for n, t in types.items() if t.startswith("*")]
+    return tuple(names + (["D", "sq_n", "sb_m"] if dim % 16 == 0 else []))
+
+
+def compile_targets() -> list[CompileTarget]:
+    """Every GPU launch configuration of :func:`_knn_kernel` for the benchmark and model shapes."""
+    targets: dict[tuple, CompileTarget] = {}
+    for workload, dim, ks, dtypes, hot in _KNN_WORKLOADS:
+        for dtype in dtypes:
+            for k in ks:
+                cfg = knn_config(k, dim, dtype, gpu=True)
+                consts = dict(
+                    DOT_PRECISION=_gpu_dot_precision(dtype),
+                    KP=cfg.kp, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d,
+                )
+                key = (dtype, tuple(consts.items()), cfg.num_warps, cfg.num_stages)
+                if key in targets:
+                    if hot and not targets[key].hot:
+                        targets[key] = replace(targets[key], hot=True, workload=workload)
+                    continue
+                el = "*" + _TRITON_TYPES[dtype]
+                types = dict(q_ptr=el, b_ptr=el, qsq_ptr="*fp32", bsq_ptr="*fp32", dist_ptr="*fp32", idx_ptr="*i64")
+                types.update({n: "i32" for n in ("N", "M", "D", "K", "sq_n", "sb_m")})
+                targets[key] = CompileTarget(
+                    kernel=_knn_kernel,
+                    signature=signature(_knn_kernel, types, consts),
+                    constexprs=consts,
+                    num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages,
+                    config=f"{_DTYPE_NAMES[dtype]} KP={cfg.kp} {cfg.block_n}x{cfg.block_m}x{cfg.block_d} w{cfg.num_warps} s{cfg.num_stages}",
+                    workload=workload,
+                    hot=hot,
+                    divisible_by_16=_aligned(types, dim),
+                )
+    return list(targets.values())
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,7 +396,13 @@ KNN_BACKENDS = standard_backends(
 )
 
 
-def knn(query: torch.Tensor, bank: torch.Tensor, k: int = 1, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def knn(
+    query: torch.Tensor,
+    bank: torch.Tensor,
+    k: int = 1,
+    backend: str = "auto",
+    bank_sq_norms: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` nearest bank rows of every query row, by Euclidean distance.
 
     Args:
@@ -258,10 +411,17 @@ def knn(query: torch.Tensor, bank: torch.Tensor, k: int = 1, backend: str = "aut
         k: ``1 <= k <= M`` (the Triton path takes ``k <= 64``; ``"auto"`` uses the reference
             above that).
         backend: ``"auto"``, ``"torch"`` (reference) or ``"triton"``.
+        bank_sq_norms: optional ``[M]`` squared row norms of ``bank`` from
+            :func:`bank_sq_norms` (float32; float64 for a float64 bank), so that searching one
+            bank repeatedly does not recompute them. They are trusted, not checked.
 
     Returns:
         ``(dist [N, k] float32 (float64 for float64 inputs), index [N, k] int64)``, ascending
         distance. Not differentiable on the Triton path.
+
+    NaN: every backend ranks a NaN distance (a NaN or inf in a query or bank row) after every
+    number, as ``torch.topk`` does, and returns it as NaN; which of several NaN neighbours is
+    named is unspecified, like any tie. Banks of ``M·D >= 2**31`` elements are supported.
     """
     check_tensor("query", query, 2, "[N, D]")
     check_tensor("bank", bank, 2, "[M, D]")
@@ -277,5 +437,15 @@ def knn(query: torch.Tensor, bank: torch.Tensor, k: int = 1, backend: str = "aut
         raise ValueError(f"k must be >= 1, got {k}")
     if k > bank.shape[0]:
         raise ValueError(f"k must be at most the bank size M={bank.shape[0]}, got k={k}")
+    if bank_sq_norms is not None:
+        norms = bank_sq_norms
+        if not isinstance(norms, torch.Tensor) or norms.shape != (bank.shape[0],):
+            shape = tuple(norms.shape) if isinstance(norms, torch.Tensor) else type(norms).__name__
+            raise ValueError(f"bank_sq_norms must be a tensor [M] = [{bank.shape[0]}], got {shape}")
+        if norms.dtype != out_dtype(bank.dtype) or norms.device != bank.device:
+            raise TypeError(
+                f"bank_sq_norms must be {out_dtype(bank.dtype)} on {bank.device} (see knn_search.bank_sq_norms), "
+                f"got {norms.dtype} on {norms.device}"
+            )
     impl = select_backend("knn", backend, KNN_BACKENDS, (query, bank), k=k)
-    return impl.fn(query, bank, k)
+    return impl.fn(query, bank, k, bank_sq=bank_sq_norms)

@@ -45,15 +45,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastuad.ops._dispatch import (
-    HAS_TRITON,
-    TRITON_INTERPRET,
-    is_exporting,
-    select_backend,
-    standard_backends,
-)
+from fastuad.ops._dispatch import HAS_TRITON, is_exporting, select_backend, standard_backends
 from fastuad.ops._validate import check_positive_float, check_tensor, out_dtype
-from fastuad.ops._launch import cdiv, dot_precision, next_power_of_2
+from fastuad.ops._compile import CompileTarget, signature
+from fastuad.ops._launch import cdiv, dot_precision, dot_precision_for, interpreter_tiles, next_power_of_2
 
 if HAS_TRITON:
     import triton
@@ -67,11 +62,13 @@ __all__ = [
     "parse_window",
     "MODES",
     "LOCAL_ATTENTION_BACKENDS",
+    "attention_blocks",
+    "compile_targets",
 ]
 
 MODES = ("inside", "outside")
 MODE_IDS = {"inside": 1, "outside": 2}  # the kernels' MASK codes; 0 = bounds only
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = 64  # 64x64 tiles; 64x32 tiles for wider heads blew the dK/dV kernel up to an 8 KB stack (sm_90)
 LOG2E = math.log2(math.e)  # exp(x) = exp2(x · log2 e): the kernels work in base 2
 
 
@@ -506,19 +503,20 @@ if HAS_TRITON:
 # --------------------------------------------------------------------------------------------
 
 
-def attention_blocks(dtype: torch.dtype, head_dim: int) -> tuple[int, int, int, int]:
+def attention_blocks(dtype: torch.dtype, head_dim: int, gpu: bool | None = None) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the three kernels.
 
     Not tuned on a GPU yet (no sweep on file): 64×64 tiles, the FlashAttention-2 tutorial's
-    choice for head dims up to 64; 32-wide key tiles for larger heads; 16×16 for float64 (its
+    choice for head dims up to 64 (the Triton limit, MAX_HEAD_DIM); 16×16 for float64 (its
     products are broadcast-and-sum in registers). The interpreter gets 16×16 so that small test
-    grids still span several tiles.
+    grids still span several tiles. ``gpu=None`` follows the process (interpreter tiles unless
+    :func:`fastuad.ops._launch.gpu_tiles` is active); ``True`` is what a GPU launch uses.
     """
-    if TRITON_INTERPRET or dtype == torch.float64:
+    if gpu is None:
+        gpu = not interpreter_tiles()
+    if not gpu or dtype == torch.float64:
         return 16, 16, 4, 1
-    if head_dim <= 64:
-        return 64, 64, 4, 2
-    return 64, 32, 4, 2
+    return 64, 64, 4, 2
 
 
 def _launch_meta(q: torch.Tensor, mode: str, blocks: tuple[int, int] | None) -> dict:
@@ -604,6 +602,68 @@ class _LocalAttentionTriton(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------------
+# Ahead-of-time compile targets
+# --------------------------------------------------------------------------------------------
+
+_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+# (workload, grid (H, W), head dim, modes, dtypes, hot): DESIGN.md's localattn benchmark (also
+# with k, v broadcast from batch 1), then RLR (32x32 / 16x16 grids, width 256 / 512 with 8
+# heads, inside and outside against a batch-1 reference) and DualAD (14x14, d=32, outside).
+_ATTN_WORKLOADS = (
+    ("bench localattn B=32 32x32 8 heads d=32 window 7", (32, 32), 32, MODES, (torch.float16, torch.float32), True),
+    ("rlr 32x32 / 16x16, width 256 (d=32)", (32, 32), 32, MODES, (torch.bfloat16,), False),
+    ("rlr 32x32 / 16x16, width 512 (d=64)", (32, 32), 64, MODES, (torch.float16, torch.bfloat16, torch.float32), False),
+    ("dualad 14x14 d=32 window 7 outside", (14, 14), 32, ("outside",), (torch.float16, torch.bfloat16, torch.float32), False),
+)
+
+
+def _gpu_precision(dtype: torch.dtype) -> str:
+    """The launcher's precision rule on a CUDA sm_80+ GPU: 3xTF32 for fp32, none for 16-bit."""
+    return dot_precision_for(dtype, (9, 0))
+
+
+def compile_targets() -> list[CompileTarget]:
+    """Forward, dQ and dK/dV kernels at every GPU launch configuration of the benchmark and the
+    models' shapes (the kernels take the batch-1 broadcast as a runtime stride / loop count)."""
+    targets: dict[tuple, CompileTarget] = {}
+    for workload, (h, w), d, modes, dtypes, hot in _ATTN_WORKLOADS:
+        for dtype in dtypes:
+            block_m, block_n, warps, stages = attention_blocks(dtype, d, gpu=True)
+            block_d = max(16, next_power_of_2(d))
+            el = "*" + _TRITON_TYPES[dtype]
+            dims = dict(L=h * w, H=h, W=w, NH=8, D=d)
+            ints = {n: "i32" for n in ("L", "H", "W", "NH", "D", "R_H", "R_W")}
+            aligned_ints = tuple(n for n, v in dims.items() if v % 16 == 0)
+            for mode in modes:
+                consts = dict(MODE=MODE_IDS[mode], FP64=False, PRECISION=_gpu_precision(dtype),
+                              BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
+                kernels = (
+                    (_fwd_kernel, "fwd", dict(q_ptr=el, k_ptr=el, v_ptr=el, o_ptr="*fp32", lse_ptr="*fp32",
+                                              KV_BATCH_STRIDE="i32", qk_scale="fp32", **ints)),
+                    (_bwd_dq_kernel, "bwd-dq", dict(q_ptr=el, k_ptr=el, v_ptr=el, do_ptr="*fp32", lse_ptr="*fp32",
+                                                    delta_ptr="*fp32", dq_ptr=el, KV_BATCH_STRIDE="i32",
+                                                    qk_scale="fp32", scale="fp32", **ints)),
+                    (_bwd_dkv_kernel, "bwd-dkv", dict(q_ptr=el, k_ptr=el, v_ptr=el, do_ptr="*fp32", lse_ptr="*fp32",
+                                                      delta_ptr="*fp32", dk_ptr=el, dv_ptr=el, Q_PER_KV="i32",
+                                                      qk_scale="fp32", scale="fp32", **ints)),
+                )
+                for kernel, label, types in kernels:
+                    aligned = tuple(n for n, t in types.items() if t.startswith("*")) + aligned_ints
+                    key = (label, dtype, mode, block_m, block_n, block_d, warps, stages, aligned)
+                    if key in targets:
+                        continue
+                    targets[key] = CompileTarget(
+                        kernel=kernel, signature=signature(kernel, types, consts), constexprs=consts,
+                        num_warps=warps, num_stages=stages,
+                        config=f"{label} {_TRITON_TYPES[dtype]} {mode} {block_m}x{block_n} d{block_d} w{warps} s{stages}"
+                        + ("" if aligned_ints == ("L", "H", "W", "D") or "L" in aligned_ints else f" grid {h}x{w}"),
+                        workload=workload, hot=hot, divisible_by_16=aligned,
+                    )
+    return list(targets.values())
+
+
+# --------------------------------------------------------------------------------------------
 # Dispatch
 # --------------------------------------------------------------------------------------------
 
@@ -614,7 +674,9 @@ def _run_torch(q, k, v, radii, mode, scale):
 
 def _triton_reasons(tensors, **_) -> list[str]:
     d = tensors[0].shape[-1]
-    return [f"triton supports head dims up to {MAX_HEAD_DIM}, got {d}"] if d > MAX_HEAD_DIM else []
+    if d > MAX_HEAD_DIM:
+        return [f"triton's 64x64 tiles take head dims up to {MAX_HEAD_DIM} (wider ones spill registers), got {d}"]
+    return []
 
 
 LOCAL_ATTENTION_BACKENDS = standard_backends(_run_torch, _LocalAttentionTriton.apply, check=_triton_reasons)

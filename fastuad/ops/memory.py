@@ -32,16 +32,14 @@ below at ``1e-8``; where clamped, the backward treats the norm as that constant)
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 import torch.nn.functional as F
 
-from fastuad.ops._dispatch import (
-    HAS_TRITON,
-    TRITON_INTERPRET,
-    select_backend,
-    standard_backends,
-)
-from fastuad.ops._launch import acc_dtype, cdiv, dot_precision, next_power_of_2, num_sms
+from fastuad.ops._dispatch import HAS_TRITON, select_backend, standard_backends
+from fastuad.ops._compile import CompileTarget, signature
+from fastuad.ops._launch import acc_dtype, cdiv, dot_precision, dot_precision_for, interpreter_tiles, next_power_of_2, num_sms
 from fastuad.ops._validate import check_positive_float, check_tensor, out_dtype
 
 if HAS_TRITON:
@@ -55,13 +53,15 @@ __all__ = [
     "memory_entropy_loss",
     "hard_shrink_relu",
     "MEMORY_READ_BACKENDS",
+    "compile_targets",
+    "memread_blocks",
     "SIMILARITIES",
 ]
 
 SIMILARITIES = ("cosine", "dot")
 NORM_EPS = 1e-8  # row-norm clamp of the cosine similarity
 SHRINK_EPS = 1e-12  # MemAE's epsilon in the shrinkage and the renormalisation
-MAX_FEATURE_DIM = 1024  # the Triton kernels keep a full feature row in registers
+MAX_FEATURE_DIM = 256  # the Triton kernels keep a full feature row in registers; wider rows spill more
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,11 +163,11 @@ if HAS_TRITON:
         return tl.zeros_like(nrm) + inv_t, nrm > 1e-8
 
     @triton.jit
-    def _memory_tile(m_base, c_base, m0, d, dmask, M, sm_m, sm_d, BLOCK_M: tl.constexpr):
+    def _memory_tile(m_base, c_base, m0, d, dmask, M, sm_m, BLOCK_M: tl.constexpr):
         """Slots ``j = m0 .. m0+BLOCK_M`` of a bank: indices, validity, rows and inverse norms."""
         j = m0 + tl.arange(0, BLOCK_M)
         jmask = j < M
-        mt = tl.load(m_base + j[:, None] * sm_m + d[None, :] * sm_d, mask=jmask[:, None] & dmask[None, :], other=0.0)
+        mt = tl.load(m_base + j[:, None] * sm_m + d[None, :], mask=jmask[:, None] & dmask[None, :], other=0.0)
         c = tl.load(c_base + j, mask=jmask, other=0.0)
         return j, jmask, mt, c
 
@@ -217,7 +217,7 @@ if HAS_TRITON:
     def _memread_fwd_kernel(
         q_ptr, m_ptr, minv_ptr, blk_ptr, rows_ptr, out_ptr, w_ptr, stat_ptr,
         N, M, D, G, inv_t, lam,
-        sq_n, sq_d, sm_k, sm_m, sm_d,
+        sq_n, sm_k, sm_m,
         COSINE: tl.constexpr, SHRINK: tl.constexpr, WRITE_W: tl.constexpr, CLASSED: tl.constexpr,
         ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -226,7 +226,7 @@ if HAS_TRITON:
         rows, valid, cls = _query_block(pid, blk_ptr, rows_ptr, N, G, CLASSED, BLOCK_N)
         d = tl.arange(0, BLOCK_D)
         dmask = d < D
-        q = tl.load(q_ptr + rows[:, None] * sq_n + d[None, :] * sq_d, mask=valid[:, None] & dmask[None, :], other=0.0)
+        q = tl.load(q_ptr + rows[:, None] * sq_n + d[None, :], mask=valid[:, None] & dmask[None, :], other=0.0)
         a, _ = _row_scale(q, inv_t, COSINE, ACC)
         m_base = m_ptr + cls * sm_k
         c_base = minv_ptr + cls * M
@@ -235,7 +235,7 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_N, BLOCK_D], ACC)
         TWO_PASS: tl.constexpr = SHRINK or WRITE_W
         for m0 in range(0, M, BLOCK_M):
-            j, jmask, mt, c = _memory_tile(m_base, c_base, m0, d, dmask, M, sm_m, sm_d, BLOCK_M)
+            j, jmask, mt, c = _memory_tile(m_base, c_base, m0, d, dmask, M, sm_m, BLOCK_M)
             s = _logits(q, mt, a, c, jmask, DOT_PRECISION)
             new_mx = tl.maximum(mx, tl.max(s, axis=1))
             alpha = tl.exp(mx - new_mx)
@@ -249,7 +249,7 @@ if HAS_TRITON:
         if TWO_PASS:
             ssum = tl.zeros([BLOCK_N], ACC)
             for m0 in range(0, M, BLOCK_M):
-                j, jmask, mt, c = _memory_tile(m_base, c_base, m0, d, dmask, M, sm_m, sm_d, BLOCK_M)
+                j, jmask, mt, c = _memory_tile(m_base, c_base, m0, d, dmask, M, sm_m, BLOCK_M)
                 w = tl.exp(_logits(q, mt, a, c, jmask, DOT_PRECISION) - lse[:, None])
                 if SHRINK:
                     w = _shrink(w, lam)
@@ -268,7 +268,7 @@ if HAS_TRITON:
     def _memread_bwd_query_kernel(
         q_ptr, m_ptr, minv_ptr, blk_ptr, rows_ptr, g_ptr, o_ptr, gw_ptr, wgw_ptr, stat_ptr, aux_ptr, dq_ptr,
         N, M, D, G, inv_t, lam,
-        sq_n, sq_d, sm_k, sm_m, sm_d,
+        sq_n, sm_k, sm_m,
         COSINE: tl.constexpr, SHRINK: tl.constexpr, CLASSED: tl.constexpr, HAS_GW: tl.constexpr, NEED_DQ: tl.constexpr,
         ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -279,7 +279,7 @@ if HAS_TRITON:
         d = tl.arange(0, BLOCK_D)
         dmask = d < D
         qmask = valid[:, None] & dmask[None, :]
-        q = tl.load(q_ptr + rows[:, None] * sq_n + d[None, :] * sq_d, mask=qmask, other=0.0)
+        q = tl.load(q_ptr + rows[:, None] * sq_n + d[None, :], mask=qmask, other=0.0)
         g = tl.load(g_ptr + rows[:, None] * D + d[None, :], mask=qmask, other=0.0).to(ACC)
         o = tl.load(o_ptr + rows[:, None] * D + d[None, :], mask=qmask, other=0.0).to(ACC)
         a, unclamped = _row_scale(q, inv_t, COSINE, ACC)
@@ -294,7 +294,7 @@ if HAS_TRITON:
         if SHRINK:
             R = tl.zeros([BLOCK_N], ACC)
             for m0 in range(0, M, BLOCK_M):
-                j, jmask, mt, c = _memory_tile(m_base, c_base, m0, d, dmask, M, sm_m, sm_d, BLOCK_M)
+                j, jmask, mt, c = _memory_tile(m_base, c_base, m0, d, dmask, M, sm_m, BLOCK_M)
                 p = tl.exp(_logits(q, mt, a, c, jmask, DOT_PRECISION) - lse[:, None])
                 gw = _grad_w(g, mt.to(ACC), gw_ptr, rows, valid, j, jmask, M, HAS_GW, DOT_PRECISION)
                 _, _, dp = _weight_grads(p, gw, gdo, ssum, R, lam, SHRINK)
@@ -305,7 +305,7 @@ if HAS_TRITON:
             dq = tl.zeros([BLOCK_N, BLOCK_D], ACC)
             dss = tl.zeros([BLOCK_N], ACC)
             for m0 in range(0, M, BLOCK_M):
-                j, jmask, mt, c = _memory_tile(m_base, c_base, m0, d, dmask, M, sm_m, sm_d, BLOCK_M)
+                j, jmask, mt, c = _memory_tile(m_base, c_base, m0, d, dmask, M, sm_m, BLOCK_M)
                 s = _logits(q, mt, a, c, jmask, DOT_PRECISION)
                 p = tl.exp(s - lse[:, None])
                 mt_acc = mt.to(ACC)
@@ -324,7 +324,7 @@ if HAS_TRITON:
     def _memread_bwd_memory_kernel(
         q_ptr, m_ptr, minv_ptr, seg_ptr, rows_ptr, g_ptr, gw_ptr, stat_ptr, aux_ptr, part_ptr,
         N, M, D, K, inv_t, lam,
-        sq_n, sq_d, sm_k, sm_m, sm_d,
+        sq_n, sm_k, sm_m,
         COSINE: tl.constexpr, SHRINK: tl.constexpr, CLASSED: tl.constexpr, HAS_GW: tl.constexpr, SPLIT: tl.constexpr,
         ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -342,7 +342,7 @@ if HAS_TRITON:
         d = tl.arange(0, BLOCK_D)
         dmask = d < D
         mmask = jmask[:, None] & dmask[None, :]
-        mt = tl.load(m_ptr + cls * sm_k + j[:, None] * sm_m + d[None, :] * sm_d, mask=mmask, other=0.0)
+        mt = tl.load(m_ptr + cls * sm_k + j[:, None] * sm_m + d[None, :], mask=mmask, other=0.0)
         mt_acc = mt.to(ACC)
         c = tl.load(minv_ptr + cls * M + j, mask=jmask, other=0.0)
         if CLASSED:
@@ -364,7 +364,7 @@ if HAS_TRITON:
             else:
                 rows = pos.to(tl.int64)
             qmask = valid[:, None] & dmask[None, :]
-            q = tl.load(q_ptr + rows[:, None] * sq_n + d[None, :] * sq_d, mask=qmask, other=0.0)
+            q = tl.load(q_ptr + rows[:, None] * sq_n + d[None, :], mask=qmask, other=0.0)
             g = tl.load(g_ptr + rows[:, None] * D + d[None, :], mask=qmask, other=0.0).to(ACC)
             a, _ = _row_scale(q, inv_t, COSINE, ACC)
             lse = tl.load(stat_ptr + rows, mask=valid, other=0.0)
@@ -387,14 +387,35 @@ if HAS_TRITON:
         tl.store(out, acc, mask=mmask)
 
 
-def _blocks(dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_M, BLOCK_D, num_warps). The feature row stays in registers, so wider
-    features get shorter query blocks. The interpreter wants small tiles (tests cover many)."""
+def memread_blocks(dim: int, dtype: torch.dtype, gpu: bool | None = None) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_M, BLOCK_D, num_warps, num_stages) for the three kernels.
+
+    The feature row stays in registers, so wider features get shorter query blocks. ``gpu=None``
+    follows the process (the interpreter's small tiles, which tests cover many of, unless
+    :func:`fastuad.ops._launch.gpu_tiles` is active); ``True`` is what a GPU launch uses.
+    """
     block_d = max(16, next_power_of_2(dim))
-    if TRITON_INTERPRET:
-        return 16, 16, block_d, 4
-    block_n = 64 if block_d <= 64 else 32 if block_d <= 256 else 16
-    return block_n, 32, block_d, 4 if block_d <= 256 else 8
+    if gpu is None:
+        gpu = not interpreter_tiles()
+    if not gpu:
+        return 16, 16, block_d, 4, 1
+    if block_d <= 64:
+        return 64, 32, block_d, 4, 3
+    # 16-row query blocks, 2 stages: at D=256 the 32-row, 3-stage blocks spilled 2.3 KB (query
+    # gradient) and 8.9 KB (memory gradient) on sm_90; these spill 0.5 KB and 1.1 KB.
+    return 16, 32, block_d, 4 if block_d <= 256 else 8, 2
+
+
+def memory_splits(n: int, m: int, k: int, block_n: int, block_m: int, sms: int, gpu: bool | None = None) -> int:
+    """Programs sharing one memory tile's query loop (the memory-gradient kernel's ``SPLIT``),
+    so that the grid fills a GPU of ``sms`` multiprocessors."""
+    if gpu is None:
+        gpu = not interpreter_tiles()
+    if not gpu:
+        return 2
+    tiles = cdiv(m, block_m) * k
+    most = max(1, cdiv(n, 4 * block_n * k))
+    return max(1, min(most, cdiv(4 * sms, tiles)))
 
 
 class _Plan:
@@ -406,13 +427,15 @@ class _Plan:
         self.inv_t = 1.0 / temperature
         self.shrink = shrink_threshold
         self.k, self.m = (1, memory.shape[0]) if memory.dim() == 2 else memory.shape[:2]
-        self.block_n, self.block_m, self.block_d, self.warps = _blocks(self.dim)
+        self.block_n, self.block_m, self.block_d, self.warps, self.stages = memread_blocks(self.dim, query.dtype)
         self.classed = memory.dim() == 3
         self.acc = acc_dtype(query.dtype)
-        self.precision = dot_precision(query.device, query.dtype)
+        # The kernels upcast to the accumulator type before their products: the operands are fp32
+        # (fp64 for gradchecks) whatever the input dtype, so the rule is applied to that type.
+        self.precision = dot_precision(query.device, torch.float64 if query.dtype == torch.float64 else torch.float32)
         dev = query.device
         mem3 = memory if memory.dim() == 3 else memory.unsqueeze(0)
-        self.mem_strides = mem3.stride()
+        self.mem_strides = mem3.stride()[:2]  # the kernels take unit-stride rows (see _unit_rows)
         dt = out_dtype(query.dtype)
         if self.cosine:
             self.minv = 1.0 / torch.linalg.vector_norm(mem3.to(dt), dim=-1).clamp_min(NORM_EPS).reshape(-1)
@@ -441,11 +464,7 @@ class _Plan:
 
     def memory_splits(self) -> int:
         """Programs sharing one memory tile's query loop, so that the grid fills the GPU."""
-        tiles = cdiv(self.m, self.block_m) * self.k
-        if TRITON_INTERPRET:
-            return 2
-        most = max(1, cdiv(self.n, 4 * self.block_n * self.k))
-        return max(1, min(most, cdiv(4 * num_sms(self.minv.device), tiles)))
+        return memory_splits(self.n, self.m, self.k, self.block_n, self.block_m, num_sms(self.minv.device))
 
 
 def memory_read_triton_forward(query, memory, class_index, similarity, temperature, shrink_threshold, return_weights):
@@ -461,10 +480,10 @@ def memory_read_triton_forward(query, memory, class_index, similarity, temperatu
         _memread_fwd_kernel[(plan.grid,)](
             query, memory, plan.minv, plan.blk, plan.rows, out, w, stats,
             n, m, plan.dim, plan.grid, plan.inv_t, shrink_threshold,
-            *query.stride(), *plan.mem_strides,
+            query.stride(0), *plan.mem_strides,
             COSINE=plan.cosine, SHRINK=shrink, WRITE_W=return_weights, CLASSED=plan.classed,
             ACC=plan.acc, DOT_PRECISION=plan.precision,
-            BLOCK_N=plan.block_n, BLOCK_M=plan.block_m, BLOCK_D=plan.block_d, num_warps=plan.warps,
+            BLOCK_N=plan.block_n, BLOCK_M=plan.block_m, BLOCK_D=plan.block_d, num_warps=plan.warps, num_stages=plan.stages,
         )
     if return_weights and shrink:
         w.div_(stats[1].clamp_min(SHRINK_EPS)[:, None])
@@ -488,9 +507,9 @@ def memory_read_triton_backward(query, memory, grad, grad_w, weights, out, stats
     common = dict(
         COSINE=plan.cosine, SHRINK=plan.shrink > 0, CLASSED=plan.classed, HAS_GW=has_gw,
         ACC=plan.acc, DOT_PRECISION=plan.precision,
-        BLOCK_N=plan.block_n, BLOCK_M=plan.block_m, BLOCK_D=plan.block_d, num_warps=plan.warps,
+        BLOCK_N=plan.block_n, BLOCK_M=plan.block_m, BLOCK_D=plan.block_d, num_warps=plan.warps, num_stages=plan.stages,
     )
-    strides = (*query.stride(), *plan.mem_strides)
+    strides = (query.stride(0), *plan.mem_strides)
     if n > 0:
         _memread_bwd_query_kernel[(plan.grid,)](
             query, memory, plan.minv, plan.blk, plan.rows, grad, out, grad_w, wgw, stats, aux, dq,
@@ -509,12 +528,18 @@ def memory_read_triton_backward(query, memory, grad, grad_w, weights, out, stats
     return (dq if need_q else None), dm
 
 
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with unit stride along the feature dim (the kernels' row loads assume it)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 class _MemoryReadTriton(torch.autograd.Function):
     """Autograd wrapper: saves ``O(N)`` softmax statistics, recomputes the weights in backward
     (the ``N×M`` weights are kept only when they were returned)."""
 
     @staticmethod
     def forward(ctx, query, memory, class_index, similarity, temperature, shrink_threshold, return_weights):
+        query, memory = _unit_rows(query), _unit_rows(memory)
         out, w, stats, plan = memory_read_triton_forward(
             query, memory, class_index, similarity, temperature, shrink_threshold, return_weights
         )
@@ -535,6 +560,96 @@ class _MemoryReadTriton(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------------
+# Ahead-of-time compile targets
+# --------------------------------------------------------------------------------------------
+
+_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_GPU_SMS = 132  # H100 SXM: what num_sms gives the split heuristic on the benchmark GPU
+
+
+@dataclass(frozen=True)
+class _MemreadWorkload:
+    name: str
+    n: int
+    dim: int
+    slots: int
+    classes: int | None
+    dtypes: tuple[torch.dtype, ...]
+    hot: bool
+    return_weights: bool = False
+
+
+# DESIGN.md's memread benchmark (hot), then the models: DualAD's memory MLP (4 modules of
+# 196 x 256, 14x14 tokens, batch 16, entropy loss on the returned weights) and MDD-Net's
+# class-aware prototypes; under autocast the models run bf16/fp16.
+_MEMREAD_WORKLOADS = (
+    _MemreadWorkload("bench memread N=32768 D=256 M=196", 32768, 256, 196, None, (torch.float16, torch.float32), True),
+    _MemreadWorkload("bench memread N=32768 D=256 M=2048", 32768, 256, 2048, None, (torch.float16, torch.float32), True),
+    _MemreadWorkload("bench memread N=32768 D=256 M=196 K=15", 32768, 256, 196, 15, (torch.float16, torch.float32), True),
+    _MemreadWorkload("dualad memory B=16 14x14 D=256 M=196", 3136, 256, 196, None, (torch.bfloat16, torch.float32), False),
+    _MemreadWorkload("dualad memory + weights", 3136, 256, 196, None, (torch.bfloat16, torch.float32), False, True),
+    _MemreadWorkload("class-aware memory K=15 D=256 M=196", 3136, 256, 196, 15, (torch.bfloat16,), False),
+)
+
+
+def _gpu_dot_precision(dtype: torch.dtype) -> str:
+    """What the launcher's precision rule gives a CUDA sm_80+ launch: the products have fp32
+    operands (the kernels upcast) whatever the input dtype, as in :class:`_Plan`."""
+    return dot_precision_for(torch.float32, (9, 0))
+
+
+def compile_targets() -> list[CompileTarget]:
+    """The forward, query-gradient and memory-gradient kernels at every GPU launch configuration
+    of the benchmark and model workloads (cosine addressing, shrinkage λ = 1/M)."""
+    targets: dict[tuple, CompileTarget] = {}
+
+    def add(kernel, types, consts, warps, stages, label, wl):
+        key = (kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, tuple(types.items()),
+               tuple((k, str(v)) for k, v in consts.items()), warps, stages)
+        old = targets.get(key)
+        if old is not None:
+            if wl.hot and not old.hot:
+                targets[key] = replace(old, hot=True, workload=wl.name)
+            return
+        aligned = tuple(n for n, t in types.items() if t.startswith("*")) + ("D", "sq_n", "sm_m")
+        if wl.classes is None:
+            aligned += ("sm_k",)
+        targets[key] = CompileTarget(
+            kernel=kernel, signature=signature(kernel, types, consts), constexprs=consts,
+            num_warps=warps, num_stages=stages, config=label, workload=wl.name, hot=wl.hot,
+            divisible_by_16=aligned,
+        )
+
+    for wl in _MEMREAD_WORKLOADS:
+        for dtype in wl.dtypes:
+            block_n, block_m, block_d, warps, stages = memread_blocks(wl.dim, dtype, gpu=True)
+            classed = wl.classes is not None
+            el = "*" + _TRITON_TYPES[dtype]
+            idx = "*i64" if classed else "*fp32"  # unclassed launches pass the norms as unused pointers
+            ints = {n: "i32" for n in ("N", "M", "D", "sq_n", "sm_k", "sm_m")}
+            floats = {"inv_t": "fp32", "lam": "fp32"}
+            common = dict(COSINE=True, SHRINK=True, CLASSED=classed, ACC=tl.float32,
+                          DOT_PRECISION=_gpu_dot_precision(dtype), BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d)
+            tiles = f"{_TRITON_TYPES[dtype]} {block_n}x{block_m}x{block_d} w{warps} s{stages}"
+            flags = ("classed " if classed else "")
+            fwd_types = dict(q_ptr=el, m_ptr=el, minv_ptr="*fp32", blk_ptr=idx, rows_ptr=idx, out_ptr="*fp32",
+                             w_ptr="*fp32", stat_ptr="*fp32", G="i32", **ints, **floats)
+            add(_memread_fwd_kernel, fwd_types, dict(common, WRITE_W=wl.return_weights), warps, stages,
+                f"fwd {tiles} {flags}shrink" + (" weights" if wl.return_weights else ""), wl)
+            bq_types = dict(q_ptr=el, m_ptr=el, minv_ptr="*fp32", blk_ptr=idx, rows_ptr=idx, g_ptr="*fp32",
+                            o_ptr="*fp32", gw_ptr="*fp32", wgw_ptr="*fp32", stat_ptr="*fp32", aux_ptr="*fp32",
+                            dq_ptr=el, G="i32", **ints, **floats)
+            add(_memread_bwd_query_kernel, bq_types, dict(common, HAS_GW=wl.return_weights, NEED_DQ=True), warps, stages,
+                f"bwd-query {tiles} {flags}shrink" + (" grad-w" if wl.return_weights else ""), wl)
+            split = memory_splits(wl.n, wl.slots, wl.classes or 1, block_n, block_m, _GPU_SMS, gpu=True)
+            bm_types = dict(q_ptr=el, m_ptr=el, minv_ptr="*fp32", seg_ptr=idx, rows_ptr=idx, g_ptr="*fp32",
+                            gw_ptr="*fp32", stat_ptr="*fp32", aux_ptr="*fp32", part_ptr="*fp32", K="i32", **ints, **floats)
+            add(_memread_bwd_memory_kernel, bm_types, dict(common, HAS_GW=wl.return_weights, SPLIT=split), warps, stages,
+                f"bwd-memory {tiles} {flags}shrink split={split}" + (" grad-w" if wl.return_weights else ""), wl)
+    return list(targets.values())
+
+
+# --------------------------------------------------------------------------------------------
 # Dispatch
 # --------------------------------------------------------------------------------------------
 
@@ -542,7 +657,7 @@ class _MemoryReadTriton(torch.autograd.Function):
 def _triton_check(tensors, **_) -> list[str]:
     dim = tensors[0].shape[-1]
     if dim > MAX_FEATURE_DIM:
-        return [f"triton keeps a feature row in registers: D <= {MAX_FEATURE_DIM}, got D={dim}"]
+        return [f"triton keeps a whole feature row in registers: D <= {MAX_FEATURE_DIM} (wider rows spill), got D={dim}"]
     return []
 
 

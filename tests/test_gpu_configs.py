@@ -1,0 +1,131 @@
+"""The GPU launch configurations of knn, memory_read and local_attention, checked under the
+interpreter: ``gpu_tiles()`` makes each launcher choose the tiles, warps and stages it picks on
+a GPU (the ones the AOT compile check builds), on problems small enough for the interpreter but
+spanning several of those tiles where it matters."""
+
+import pytest
+import torch
+
+from conftest import TRITON_DEVICE
+from fastuad.ops import knn, knn_reference, local_attention, local_attention_reference, memory_read, memory_read_reference
+from fastuad.ops._launch import gpu_tiles, interpreter_tiles
+from fastuad.ops.knn_search import knn_config
+from fastuad.ops.local_attn import attention_blocks
+from fastuad.ops.memory import memread_blocks
+
+
+def _randn(*shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(TRITON_DEVICE, dtype)
+
+
+def test_gpu_tiles_switches_every_heuristic():
+    assert knn_config(9, 1536, torch.float16, gpu=True).block_n == 64
+    with gpu_tiles():
+        assert not interpreter_tiles()
+        assert knn_config(9, 1536, torch.float16) == knn_config(9, 1536, torch.float16, gpu=True)
+        assert memread_blocks(256, torch.float32) == memread_blocks(256, torch.float32, gpu=True)
+        assert attention_blocks(torch.float16, 32) == attention_blocks(torch.float16, 32, gpu=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("k", [1, 9])
+def test_knn_gpu_config(k, dtype):
+    """Two 64-row query blocks (one partial), a bank of three 64-row tiles (one partial), D over
+    two 64-wide steps (fp16) / three 32-wide steps (fp32)."""
+    q, b = _randn(70, 80, dtype=dtype), _randn(150, 80, dtype=dtype, seed=1)
+    with gpu_tiles():
+        dist, index = knn(q, b, k, backend="triton")
+    ref, _ = knn_reference(q, b, k)
+    torch.testing.assert_close(dist, ref, atol=2e-4, rtol=1e-5)
+    named = torch.linalg.vector_norm(q.double()[:, None, :] - b.double()[index], dim=-1)
+    torch.testing.assert_close(named, ref.double(), atol=2e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("classes", [None, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_memory_read_gpu_config(dtype, classes):
+    """D=200 (one 256-wide row, masked), 70 queries in 32-row blocks, 70 slots in 32-slot tiles;
+    cosine, shrinkage λ = 1/M, forward and both gradients."""
+    n, m, dim = 70, 70, 200
+    q = _randn(n, dim, dtype=dtype).requires_grad_(True)
+    shape = (m, dim) if classes is None else (classes, m, dim)
+    mem = _randn(*shape, dtype=dtype, seed=1).requires_grad_(True)
+    cls = None if classes is None else torch.arange(n, device=TRITON_DEVICE) % classes
+    g = _randn(n, dim, seed=2)
+    # a sharp softmax: few weights sit next to λ, where the shrinkage's derivative jumps
+    kw = dict(similarity="cosine", temperature=0.05, shrink_threshold=1.0 / m)
+    with gpu_tiles():
+        out = memory_read(q, mem, cls, backend="triton", **kw)
+        gq, gm = torch.autograd.grad((out * g).sum(), (q, mem))
+    ref = memory_read_reference(q.double(), mem.double(), cls, **kw)
+    rq, rm = torch.autograd.grad((ref * g.double()).sum(), (q, mem))
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(out, ref.float(), **tol)
+    torch.testing.assert_close(gq.float(), rq.float(), **tol)
+    torch.testing.assert_close(gm.float(), rm.float(), **tol)
+
+
+@pytest.mark.parametrize("mode", ["inside", "outside"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_local_attention_gpu_config(mode, dtype):
+    """A 16x12 grid (192 tokens: three 64-token tiles) with k, v broadcast from batch 1, window 7:
+    the 64x64 tiles of the forward, dQ and dK/dV kernels, band and tile skipping included."""
+    B, H, W, NH, d = 2, 16, 12, 2, 32
+    q = _randn(B, H, W, NH, d, dtype=dtype).requires_grad_(True)
+    k = _randn(1, H, W, NH, d, dtype=dtype, seed=1).requires_grad_(True)
+    v = _randn(1, H, W, NH, d, dtype=dtype, seed=2).requires_grad_(True)
+    g = _randn(B, H, W, NH, d, seed=3)
+    with gpu_tiles():
+        out = local_attention(q, k, v, 7, mode, backend="triton")
+        grads = torch.autograd.grad((out * g).sum(), (q, k, v))
+    ref = local_attention_reference(q, k, v, 7, mode)
+    ref_grads = torch.autograd.grad((ref * g).sum(), (q, k, v))
+    tol = dict(atol=2e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-3, rtol=3e-3)
+    torch.testing.assert_close(out, ref, **tol)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.float(), want.float(), **tol)
+
+
+def test_limits_are_dispatch_reasons():
+    """Shapes past what the kernels compile for: backend="triton" names the limit, "auto" on CPU
+    tensors still answers (the reference), and the reasons list the limit for "auto" on CUDA."""
+    from fastuad.ops import BackendUnavailableError
+    from fastuad.ops.local_attn import LOCAL_ATTENTION_BACKENDS, MAX_HEAD_DIM
+    from fastuad.ops.memory import MAX_FEATURE_DIM, MEMORY_READ_BACKENDS
+
+    q = torch.randn(4, MAX_FEATURE_DIM + 16, device=TRITON_DEVICE)
+    mem = torch.randn(5, MAX_FEATURE_DIM + 16, device=TRITON_DEVICE)
+    with pytest.raises(BackendUnavailableError, match=f"D <= {MAX_FEATURE_DIM}"):
+        memory_read(q, mem, backend="triton")
+    assert MEMORY_READ_BACKENDS["triton"].not_supported_reasons((q[:, :MAX_FEATURE_DIM], mem[:, :MAX_FEATURE_DIM])) == []
+    x = torch.randn(1, 3, 3, 1, MAX_HEAD_DIM * 2, device=TRITON_DEVICE)
+    with pytest.raises(BackendUnavailableError, match=f"head dims up to {MAX_HEAD_DIM}"):
+        local_attention(x, x, x, 3, backend="triton")
+    reasons = LOCAL_ATTENTION_BACKENDS["triton"].not_supported_reasons((x, x, x))
+    assert any(str(MAX_HEAD_DIM) in r for r in reasons)
+    assert LOCAL_ATTENTION_BACKENDS["triton"].not_supported_reasons((x[..., :MAX_HEAD_DIM],) * 3) == []
+    assert local_attention(x.cpu(), x.cpu(), x.cpu(), 3).shape == x.shape  # auto on CPU: the reference
+
+
+@pytest.mark.parametrize("module", ["knn_search", "memory", "local_attn"])
+def test_compile_targets_cover_every_launched_kernel(module):
+    """Every kernel the module launches (``name[grid](``) has a hot compile target, each target's
+    signature types every argument, and the constexprs are the launchers' GPU choices."""
+    import importlib
+    import inspect
+    import re
+
+    mod = importlib.import_module(f"fastuad.ops.{module}")
+    launched = set(re.findall(r"(\w+)\[\(?[^\]]*\]\(", inspect.getsource(mod)))
+    launched = {n for n in launched if hasattr(getattr(mod, n, None), "arg_names")}
+    targets = mod.compile_targets()
+    assert launched and launched <= {t.name for t in targets if t.hot}
+    for t in targets:
+        assert list(t.signature) == list(t.kernel.arg_names)
+        assert {n for n, ty in t.signature.items() if ty == "constexpr"} == set(t.constexprs)
+        assert set(t.divisible_by_16) <= set(t.signature)
+    if module == "knn_search":
+        cfg = knn_config(9, 1536, torch.float32, gpu=True)
+        assert any(t.hot and t.constexprs["KP"] == cfg.kp and t.constexprs["BLOCK_D"] == cfg.block_d and t.num_warps == cfg.num_warps
+                   for t in targets)
