@@ -69,14 +69,16 @@ VARIANTS = ("heterogeneous", "homogeneous")
 # Backbones whose layers 1-3 are at strides 4/8/16, as the paper's ResNet-family runs use them.
 PAPER_BACKBONES = ("wide_resnet50_2", "resnet50", "resnet34")
 
+# The default preset's masked window (``window=None``): this, or the widest odd window the grid holds.
+DEFAULT_WINDOW = 5
 PRESETS: dict[str, dict] = {
     "paper": dict(
         backbone="wide_resnet50_2", image_size=224, layers=(1, 2, 3), pool=4, width=256, depth=4, num_heads=8,
         ffn_dim=1024, window=7, dropout=0.1, mlp_hidden=4096, num_slots=196, wide_layers=2, jitter=3.2, score_pool=16,
     ),
     "default": dict(
-        backbone=DEFAULT_BACKBONE, image_size=256, layers=(1, 2, 3), pool=2, width=64, depth=2, num_heads=4,
-        ffn_dim=256, window=7, dropout=0.1, mlp_hidden=512, num_slots=64, wide_layers=1, jitter=3.2, score_pool=None,
+        backbone=DEFAULT_BACKBONE, image_size=256, layers=(1, 2, 3), pool=4, width=64, depth=2, num_heads=4,
+        ffn_dim=256, window=None, dropout=0.1, mlp_hidden=512, num_slots=64, wide_layers=1, jitter=3.2, score_pool=None,
     ),
 }
 RECIPES: dict[str, TrainRecipe] = {
@@ -276,9 +278,9 @@ def _positive_int(name: str, value) -> int:
 
 def _build(variant: str, name: str, preset: str, backbone: str | None, image_size: int | None, weights, overrides: dict) -> DualAD:
     p = dict(PRESETS[preset])
-    backbone = p.pop("backbone") if backbone is None else backbone
-    image_size = p.pop("image_size") if image_size is None else image_size
-    p.pop("image_size", None)
+    preset_backbone, preset_size = p.pop("backbone"), p.pop("image_size")
+    backbone = preset_backbone if backbone is None else backbone
+    image_size = preset_size if image_size is None else image_size
     unknown = sorted(set(overrides) - set(p))
     if unknown:
         raise ModelError(f"model {name!r}: unexpected keyword argument {unknown[0]!r}; allowed: {', '.join(sorted(p))}")
@@ -288,9 +290,9 @@ def _build(variant: str, name: str, preset: str, backbone: str | None, image_siz
             f"preset 'paper' pools layers 1-3 at strides 4/8/16 to a 14x14 grid; backbone must be one of "
             f"{', '.join(PAPER_BACKBONES)}, got {backbone!r} (use preset 'default' for other backbones)"
         )
-    for key in ("pool", "width", "depth", "num_heads", "ffn_dim", "window", "mlp_hidden", "num_slots", "wide_layers"):
+    for key in ("pool", "width", "depth", "num_heads", "ffn_dim", "mlp_hidden", "num_slots", "wide_layers"):
         _positive_int(key, p[key])
-    if p["window"] % 2 == 0:
+    if p["window"] is not None and _positive_int("window", p["window"]) % 2 == 0:
         raise ModelError(f"window must be an odd int, got {p['window']!r}")
     if p["width"] % p["num_heads"] or p["width"] % 2:
         raise ModelError(f"width must be even and divisible by num_heads={p['num_heads']}, got {p['width']!r}")
@@ -309,6 +311,8 @@ def _build(variant: str, name: str, preset: str, backbone: str | None, image_siz
             f"{p['pool']} (token stride {token_stride}), got {image_size}"
         )
     grid = image_size // token_stride
+    if p["window"] is None:  # the default preset: 5, or the widest odd window the grid holds
+        p["window"] = min(DEFAULT_WINDOW, grid - 1 + grid % 2)
     if p["window"] > grid:
         raise ModelError(
             f"window must be an odd int <= the token grid side {grid} (image_size {image_size} / token stride "
