@@ -79,6 +79,20 @@ def test_training_lowers_the_reconstruction_error(name):
     assert all(p.grad is None for p in m.encoder.parameters())
 
 
+def test_options_memory_temperature_and_skip(tiny_images):
+    torch.manual_seed(0)
+    he = create_model("dualad", image_size=64, memory_temperature=0.1).eval()
+    assert all(mem.temperature == 0.1 for mem in he.wsn.memories)
+    ho = create_model("dualad_ho", image_size=64, skip=True).eval()
+    plain = create_model("dualad_ho", image_size=64).eval()
+    plain.load_state_dict(ho.state_dict())
+    with torch.no_grad():
+        t = ho.target(tiny_images)
+        # with skip the wide encoder's tokens reach the wide decoder: another reconstruction
+        assert not torch.allclose(ho.reconstruct(t), plain.reconstruct(t))
+        assert ho(tiny_images)[0].shape == (2, 1, 64, 64)
+
+
 def test_loss_is_the_mse_summed_over_level_chunks():
     torch.manual_seed(0)
     m = create_model("dualad", image_size=64, jitter=0.0, dropout=0.0).train()
