@@ -130,12 +130,12 @@ class MemoryMLP(nn.Module):
                 m.memory.copy_(F.normalize(torch.randn_like(m.memory), dim=-1))
         self.mlp_out = _mlp((depth * width, mlp_hidden, channels))
 
-    def encode(self, x: torch.Tensor, pos: torch.Tensor) -> list[torch.Tensor]:
-        """``x [B, H, W, C]`` -> ``depth`` memory outputs ``[B, H, W, width]``."""
+    def encode(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[list[torch.Tensor], None]:
+        """``x [B, H, W, C]`` -> (``depth`` memory outputs ``[B, H, W, width]``, no shortcut)."""
         chunks = self.mlp_in(x).split(self.width, dim=-1)
-        return [memory(c) for memory, c in zip(self.memories, chunks)]
+        return [memory(c) for memory, c in zip(self.memories, chunks)], None
 
-    def decode(self, outs: list[torch.Tensor], pos: torch.Tensor) -> torch.Tensor:
+    def decode(self, outs: list[torch.Tensor], pos: torch.Tensor, shortcut: None = None) -> torch.Tensor:
         return self.mlp_out(torch.cat(outs, dim=-1))
 
 
@@ -157,19 +157,18 @@ class WideTransformer(nn.Module):
         self.decoder = nn.ModuleList(MaskedDecoderLayer(wide, num_heads, 4 * wide, window, dropout) for _ in range(layers))
         self.proj_out = nn.Linear(wide, channels)
 
-    def encode(self, x: torch.Tensor, pos: torch.Tensor) -> list[torch.Tensor]:
+    def encode(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """``x [B, H, W, C]`` -> (``depth`` chunks ``[B, H, W, width]``, the wide tokens when ``skip``)."""
         x = self.proj_in(x)
         p = self.pos_proj(pos)
         for layer in self.encoder:
             x = layer(x, p)
-        self._shortcut = x if self.skip else None
-        return list(x.split(self.width, dim=-1))
+        return list(x.split(self.width, dim=-1)), (x if self.skip else None)
 
-    def decode(self, outs: list[torch.Tensor], pos: torch.Tensor) -> torch.Tensor:
+    def decode(self, outs: list[torch.Tensor], pos: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
         memory = torch.cat(outs, dim=-1)
-        if self._shortcut is not None:  # the wide encoder's tokens skip the NDN (the authors' `skip` option)
-            memory = memory + self._shortcut
-            self._shortcut = None
+        if shortcut is not None:  # the wide encoder's tokens skip the NDN (the authors' `skip` option)
+            memory = memory + shortcut
         p = self.pos_proj(pos)
         x = memory
         for query, layer in zip(self.queries, self.decoder):
@@ -264,9 +263,9 @@ class DualAD(nn.Module):
             std = x.flatten(1, 2).std(dim=1)[:, None, None, :]
             x = x + torch.randn_like(x) * std * self.jitter
         pos = self.pos_embed().to(x.dtype)
-        chunks = self.wsn.encode(x, pos)
+        chunks, shortcut = self.wsn.encode(x, pos)
         outs = self.ndn(chunks, pos)
-        return self.wsn.decode(outs, pos).permute(0, 3, 1, 2)
+        return self.wsn.decode(outs, pos, shortcut).permute(0, 3, 1, 2)
 
     def training_loss(self, batch: dict) -> torch.Tensor:
         """Feature MSE per level chunk, summed over levels (the input tokens jittered)."""
