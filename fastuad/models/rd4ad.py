@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from fastuad.backbones import DEFAULT_BACKBONE, FrozenEncoder, create_backbone
+from fastuad.backbones import DEFAULT_BACKBONE, FrozenEncoder, create_backbone, has_expansion_features
 from fastuad.models import register_model
 from fastuad.nn import CosineDistanceLoss, CosineDistanceMap
 
@@ -169,7 +169,8 @@ class RD4AD(nn.Module):
         teacher, student = self.features(images)
         if self.training:
             return teacher, student
-        amap = self.map_head([t.float() for t in teacher], [s.float() for s in student])
+        # Native dtype (fp16/bf16 under AMP): the map op accumulates in fp32 itself.
+        amap = self.map_head(teacher, [s.to(t.dtype) for t, s in zip(teacher, student)])
         return amap, amap.flatten(1).amax(dim=1)
 
 
@@ -179,9 +180,17 @@ def rd4ad(
     image_size: int = 256,
     weights: str | None = None,
     layers: Sequence[int] = (1, 2, 3),
+    feature_location: str | None = None,
     **overrides,
 ) -> RD4AD:
-    """RD4AD on a frozen timm encoder (default EfficientNet-Lite0, ImageNet weights, strides 4/8/16)."""
-    encoder = create_backbone(backbone, out_indices=tuple(layers), weights=weights)
-    config = {"name": "rd4ad", "backbone": backbone, "image_size": image_size, "layers": [int(i) for i in layers], **overrides}
+    """RD4AD on a frozen timm encoder (default EfficientNet-Lite0, ImageNet weights, strides 4/8/16).
+
+    ``feature_location``: where the encoder is tapped (see :func:`fastuad.backbones.create_backbone`);
+    default ``"expansion"`` where the backbone has it (EfficientNet/MobileNet), else ``"bottleneck"``.
+    """
+    if feature_location is None:
+        feature_location = "expansion" if has_expansion_features(backbone) else "bottleneck"
+    encoder = create_backbone(backbone, out_indices=tuple(layers), weights=weights, feature_location=feature_location)
+    config = {"name": "rd4ad", "backbone": backbone, "image_size": image_size, "layers": [int(i) for i in layers],
+              "feature_location": feature_location, **overrides}
     return RD4AD(encoder, image_size=image_size, config=config, **overrides)
