@@ -38,7 +38,6 @@ __all__ = [
     "BackboneError",
     "FrozenEncoder",
     "create_backbone",
-    "has_expansion_features",
     "lite0_weights_path",
     "load_file",
     "load_lite0_package_state",
@@ -158,17 +157,6 @@ class FrozenEncoder(nn.Module):
     def extra_repr(self) -> str:
         loc = f", feature_location={self.feature_location!r}" if self.feature_location != "bottleneck" else ""
         return f"name={self.name!r}, weights={self.weights!r}{loc}, channels={self.channels}, reductions={self.reductions}"
-
-
-def has_expansion_features(name: str) -> bool:
-    """Whether backbone ``name`` accepts ``feature_location="expansion"`` (timm's EfficientNet and MobileNet families)."""
-    import timm
-
-    timm_name = _LITE0_NAMES.get(name, name)
-    if not isinstance(name, str) or not timm.is_model(timm_name):
-        return False
-    module = timm.models.model_entrypoint(timm_name).__module__.rsplit(".", 1)[-1]
-    return module in ("efficientnet", "mobilenetv3")
 
 
 def create_backbone(
