@@ -12,6 +12,14 @@ state dict given as ``weights=PATH`` (read with ``torch.load(weights_only=True)`
 
 Inputs are ImageNet-normalised images (what :mod:`fastuad.data` yields); the encoder converts
 them to the normalisation its weights were trained with (0.5/0.5 for the TF-ported Lite0).
+
+``feature_location`` picks where EfficientNet/MobileNet-style encoders are tapped (timm's
+option): ``"bottleneck"`` (the default) returns the stage outputs, narrow and signed (the
+linear projection of each inverted-residual block: 24/40/112 channels for Lite0);
+``"expansion"`` returns the wide post-activation features inside the last block of each stage
+(the input of its projection conv: 144/240/672 channels for Lite0, all >= 0), the analogue of
+the wide post-ReLU ResNet features that feature-comparison methods were designed on. The
+weights are the same; only the tap moves.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 # weights= values that mean "no pretrained weights" (tests, or a checkpoint that carries them).
 RANDOM_WEIGHTS = "random"
+FEATURE_LOCATIONS = ("bottleneck", "expansion")
 
 
 class BackboneError(FastUADError, ValueError):
@@ -117,11 +126,14 @@ class FrozenEncoder(nn.Module):
     It stays in eval mode (``train()`` does not touch it) and none of its parameters train.
     """
 
-    def __init__(self, body: nn.Module, mean: Sequence[float], std: Sequence[float], name: str, weights: str) -> None:
+    def __init__(
+        self, body: nn.Module, mean: Sequence[float], std: Sequence[float], name: str, weights: str, feature_location: str = "bottleneck"
+    ) -> None:
         super().__init__()
         self.body = body
         self.name = name
         self.weights = weights
+        self.feature_location = feature_location
         info = body.feature_info
         self.channels: list[int] = list(info.channels())
         self.reductions: list[int] = list(info.reduction())
@@ -143,13 +155,15 @@ class FrozenEncoder(nn.Module):
         return list(self.body(images * self.in_scale + self.in_shift))
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, weights={self.weights!r}, channels={self.channels}, reductions={self.reductions}"
+        loc = f", feature_location={self.feature_location!r}" if self.feature_location != "bottleneck" else ""
+        return f"name={self.name!r}, weights={self.weights!r}{loc}, channels={self.channels}, reductions={self.reductions}"
 
 
 def create_backbone(
     name: str = DEFAULT_BACKBONE,
     out_indices: Sequence[int] = (1, 2, 3),
     weights: str | os.PathLike | None = None,
+    feature_location: str = "bottleneck",
 ) -> FrozenEncoder:
     """Build a frozen feature extractor.
 
@@ -157,6 +171,8 @@ def create_backbone(
     ``out_indices``: feature levels to return (timm ``features_only`` indices; 1,2,3 are strides
     4, 8, 16 for most CNNs). ``weights``: ``None`` for the default source (the package for
     Lite0, the timm hub otherwise), a path to a local state dict, or ``"random"`` for none.
+    ``feature_location``: ``"bottleneck"`` (stage outputs) or ``"expansion"`` (the wide
+    post-activation features inside each stage; EfficientNet/MobileNet families only).
     """
     import timm
 
@@ -165,12 +181,22 @@ def create_backbone(
     timm_name = _LITE0_NAMES.get(name, name)
     if not timm.is_model(timm_name):
         raise BackboneError(f"unknown backbone {name!r}: not a timm model name (e.g. efficientnet_lite0, resnet18, wide_resnet50_2)")
+    if feature_location not in FEATURE_LOCATIONS:
+        raise BackboneError(f"feature_location must be one of {', '.join(FEATURE_LOCATIONS)}, got {feature_location!r}")
     out_indices = tuple(int(i) for i in out_indices)
     weights_str = None if weights is None else os.fspath(weights)
 
     pretrained = weights_str is None and timm_name not in _LITE0_NAMES.values()
+    location = {} if feature_location == "bottleneck" else {"feature_location": feature_location}
     try:
-        body = timm.create_model(timm_name, features_only=True, pretrained=pretrained, out_indices=out_indices)
+        body = timm.create_model(timm_name, features_only=True, pretrained=pretrained, out_indices=out_indices, **location)
+    except TypeError as exc:
+        if location and "feature_location" in str(exc):
+            raise BackboneError(
+                f"backbone {name!r} has no feature_location={feature_location!r} (only EfficientNet/MobileNet-style "
+                f"timm models do); use feature_location='bottleneck'"
+            ) from exc
+        raise
     except (OSError, RuntimeError, ValueError) as exc:
         if pretrained:
             raise BackboneError(
@@ -193,7 +219,7 @@ def create_backbone(
     cfg = getattr(body, "pretrained_cfg", None) or {}
     mean = cfg.get("mean", _IMAGENET_MEAN)
     std = cfg.get("std", _IMAGENET_STD)
-    return FrozenEncoder(body, mean, std, name=name, weights=source)
+    return FrozenEncoder(body, mean, std, name=name, weights=source, feature_location=feature_location)
 
 
 def load_file(path: str | os.PathLike, what: str, error: type[Exception] = BackboneError):

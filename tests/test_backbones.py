@@ -31,10 +31,11 @@ def _bn(x, sd, prefix):
     return F.batch_norm(x, sd[prefix + ".running_mean"], sd[prefix + ".running_var"], sd[prefix + ".weight"], sd[prefix + ".bias"], False, 0.0, 1e-3)
 
 
-def lite0_reference_features(sd, x):
+def lite0_reference_features(sd, x, expansion=False):
     """EfficientNet-Lite0 written from the package's own tensor names: block outputs by index.
 
     Independent of timm: if the positional mapping paired a wrong tensor, the features differ.
+    ``expansion=True`` returns each block's input to its projection conv instead (post-ReLU6).
     """
     x = F.relu6(_bn(F.conv2d(_same_pad(x, 3, 2), sd["_conv_stem.weight"], stride=2), sd, "_bn0"))
     strides = [s if i == 0 else 1 for r, s in LITE0_STAGES for i in range(r)]
@@ -46,9 +47,10 @@ def lite0_reference_features(sd, x):
             h = F.relu6(_bn(F.conv2d(h, sd[p + "_expand_conv.weight"]), sd, p + "_bn0"))
         w = sd[p + "_depthwise_conv.weight"]
         h = F.relu6(_bn(F.conv2d(_same_pad(h, w.shape[-1], stride), w, stride=stride, groups=w.shape[0]), sd, p + "_bn1"))
+        expanded = h
         h = _bn(F.conv2d(h, sd[p + "_project_conv.weight"]), sd, p + "_bn2")
         x = h + x if stride == 1 and h.shape == x.shape else h
-        outs.append(x)
+        outs.append(expanded if expansion else x)
     return outs
 
 
@@ -64,6 +66,23 @@ def test_default_encoder_matches_the_package_weights_run_by_their_own_names():
     for got, want in zip(ours, [ref[2], ref[4], ref[10]]):
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+
+
+def test_expansion_features_are_the_wide_post_activation_maps_of_the_same_blocks():
+    sd = load_lite0_package_state()
+    enc = create_backbone(feature_location="expansion")
+    assert enc.channels == [144, 240, 672] and enc.reductions == [4, 8, 16] and enc.feature_location == "expansion"
+    raw = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = enc((raw - IMAGENET_MEAN) / IMAGENET_STD)
+        ref = lite0_reference_features(sd, (raw - 0.5) / 0.5, expansion=True)
+    for got, want in zip(ours, [ref[2], ref[4], ref[10]]):
+        assert got.shape == want.shape and (got >= 0).all()
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    with pytest.raises(BackboneError, match="feature_location must be one of bottleneck, expansion, got 'middle'"):
+        create_backbone(feature_location="middle")
+    with pytest.raises(BackboneError, match="backbone 'resnet18' has no feature_location='expansion'"):
+        create_backbone("resnet18", weights="random", feature_location="expansion")
 
 
 def test_packaged_weights_are_real_imagenet_weights():

@@ -50,7 +50,10 @@ def test_resumed_training_equals_an_uninterrupted_run(tiny_root, tmp_path):
     a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 2
-    assert a["config"] == {"name": "rd4ad", "backbone": "efficientnet_lite0", "image_size": 64, "layers": [1, 2, 3], "preset": "default"}
+    assert a["config"] == {
+        "name": "rd4ad", "backbone": "efficientnet_lite0", "image_size": 64, "layers": [1, 2, 3],
+        "feature_location": "bottleneck", "linear_out": True, "preset": "default",
+    }
     assert not any(k.startswith("encoder.") for k in a["model"])  # rebuilt from the packaged weights
     for k, v in a["model"].items():
         torch.testing.assert_close(b["model"][k], v, atol=1e-5, rtol=1e-5)

@@ -76,7 +76,10 @@ def test_loss_is_summed_mean_cosine_distance_and_training_only_touches_the_stude
 
 def test_config_rebuilds_the_same_architecture(model):
     cfg = dict(model.config)
-    assert cfg == {"name": "rd4ad", "backbone": "efficientnet_lite0", "image_size": 64, "layers": [1, 2, 3], "preset": "default"}
+    assert cfg == {
+        "name": "rd4ad", "backbone": "efficientnet_lite0", "image_size": 64, "layers": [1, 2, 3],
+        "feature_location": "bottleneck", "linear_out": True, "preset": "default",
+    }
     again = create_model(cfg.pop("name"), **cfg)
     assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
 
@@ -88,8 +91,70 @@ def test_other_backbone_and_bottleneck_options():
         amap, score = m(torch.randn(1, 3, 64, 64))
     assert amap.shape == (1, 1, 64, 64) and torch.isfinite(score).all()
     x = torch.randn(2, 3, 64, 64)
-    relu_out = create_model("rd4ad", image_size=64).features(x)[1]
-    linear = create_model("rd4ad", image_size=64, linear_out=True).features(x)[1]
+    relu_out = create_model("rd4ad", image_size=64, linear_out=False).features(x)[1]
+    linear = create_model("rd4ad", image_size=64).features(x)[1]
     assert all((s >= 0).all() for s in relu_out) and all((s < 0).any() for s in linear)
     with pytest.raises(ValueError, match="bottleneck_stride must be 1 or 2"):
         create_model("rd4ad", image_size=64, bottleneck_stride=3)
+
+
+def test_default_student_trains_past_the_floor_of_a_relu_decoder(tmp_path):
+    """Lite0's levels are signed; a decoder ending in ReLU cannot get below 1 - |t+|/|t| per level.
+
+    The default (linear outputs) must train well past that floor on a few real images (64 px).
+    """
+    from fastuad.data import build_dataset
+    from fastuad.data.demo import make_demo_dataset
+
+    root = make_demo_dataset(tmp_path, image_size=64, n_train=4, n_test_good=1, n_test_per_defect=1, classes=("brick", "coffee"))
+    ds = build_dataset("mvtec", root, "train", image_size=64)
+    x = torch.stack([ds[i]["image"] for i in range(len(ds))])
+    torch.manual_seed(0)
+    m = create_model("rd4ad", image_size=64).train()
+    teacher = m.encoder(x)
+    relu_floor = sum(float((1 - F.cosine_similarity(t, t.clamp(min=0), dim=1)).mean()) for t in teacher)
+    assert all((t < 0).float().mean() > 0.3 for t in teacher)  # signed levels
+    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=5e-3, betas=(0.5, 0.999))
+    losses = []
+    for _ in range(30):
+        loss = m.training_loss({"image": x})
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.35 * losses[0], losses
+    assert losses[-1] < relu_floor, (losses[-1], relu_floor)
+
+
+def test_native_half_precision_features_reach_the_map():
+    """Under AMP the features are fp16/bf16: the map takes them as they are (it accumulates in fp32)."""
+    from fastuad.ops import trace
+
+    torch.manual_seed(0)
+    m = create_model("rd4ad", image_size=64).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        teacher, student = m.features(x)
+        want = m.map_head(teacher, student)
+        with trace() as calls:
+            amap = m.map_head([t.half() for t in teacher], [s.half() for s in student])
+        half_model = create_model("rd4ad", image_size=64)
+        half_model.load_state_dict(m.state_dict())
+        half_model = half_model.half().eval()
+        with trace() as model_calls:
+            hmap, hscore = half_model(x.half())
+    assert calls[0].dtypes[0] == "float16" and amap.dtype == torch.float32
+    torch.testing.assert_close(amap, want, atol=2e-3, rtol=2e-3)
+    assert model_calls[-1].op == "cosine_distance_map" and model_calls[-1].dtypes[0] == "float16"
+    assert hmap.dtype == torch.float32 and hmap.shape == (2, 1, 64, 64) and torch.isfinite(hscore).all()
+
+
+def test_expansion_features_option_is_recorded_and_rebuilt():
+    m = create_model("rd4ad", image_size=64, feature_location="expansion", decoder_width=1)
+    teacher, student = m.features(torch.randn(1, 3, 64, 64))
+    assert [t.shape[1] for t in teacher] == [144, 240, 672] and [s.shape for s in student] == [t.shape for t in teacher]
+    cfg = dict(m.config)
+    assert cfg["feature_location"] == "expansion"
+    again = create_model(cfg.pop("name"), **cfg)
+    assert again.encoder.channels == [144, 240, 672]
+    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in m.state_dict().items()}

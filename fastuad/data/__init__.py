@@ -14,6 +14,7 @@ from fastuad.data.datasets import (
 from fastuad.data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize, normalize
 from fastuad.data.demo import make_demo_dataset
 from fastuad.errors import DataError
+from fastuad.data.heldout import make_heldout_dataset
 
 __all__ = [
     "DATASETS",
@@ -31,4 +32,5 @@ __all__ = [
     "denormalize",
     "normalize",
     "make_demo_dataset",
+    "make_heldout_dataset",
 ]
