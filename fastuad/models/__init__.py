@@ -113,3 +113,4 @@ from fastuad.models.recipe import TrainRecipe  # noqa: E402
 # Importing the model modules registers them.
 from fastuad.models import rd4ad  # noqa: E402,F401
 from fastuad.models import dmgrd  # noqa: E402,F401
+from fastuad.models import mddnet  # noqa: E402,F401
