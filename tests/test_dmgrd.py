@@ -157,9 +157,9 @@ def test_bad_input_names_the_cause(fitted, train_loader):
         empty(x)
     with pytest.raises(ModelError, match="memories are empty"):
         empty.training_loss({"image": x, "class_index": torch.tensor([0])})
-    with pytest.raises(ModelError, match=r"class_index out of range: the normal memory holds 3 classes \(0..2\), got values \[7\]"):
+    with pytest.raises(ModelError, match=r"class_index out of range for the normal memory of 3 classes \(valid: 0..2\), got values \[7\]"):
         fitted(x, class_index=torch.tensor([7]))
-    with pytest.raises(ModelError, match="class_index out of range: the memories hold 3 classes"):
+    with pytest.raises(ModelError, match="class_index out of range for the memories of 3 classes"):
         fitted.training_loss({"image": x, "class_index": torch.tensor([3])})
     with pytest.raises(ModelError, match="model 'dmgrd' has no preset 'fast'; allowed presets: default, paper"):
         create_model("dmgrd", preset="fast")

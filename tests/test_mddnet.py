@@ -143,7 +143,7 @@ def test_bad_input_names_the_cause(fitted):
     x = torch.randn(1, 3, SIZE, SIZE)
     with pytest.raises(ModelError, match="class keys are empty: call model.fit_memory"):
         empty(x)
-    with pytest.raises(ModelError, match=r"class_index out of range: the class-aware memory holds 32 classes \(0..31\), got values \[40\]"):
+    with pytest.raises(ModelError, match=r"class_index out of range for the class-aware memory of 32 classes \(valid: 0..31\), got values \[40\]"):
         fitted(x, class_index=torch.tensor([40]))
     with pytest.raises(ModelError, match="class_index out of range"):
         fitted.training_loss({"image": x, "class_index": torch.tensor([-1])})

@@ -121,7 +121,7 @@ def check_class_index(class_index: torch.Tensor, num_classes: int, what: str) ->
     class_index = torch.as_tensor(class_index).long()
     if class_index.numel() and (int(class_index.min()) < 0 or int(class_index.max()) >= num_classes):
         raise ModelError(
-            f"class_index out of range: {what} holds {num_classes} classes (0..{num_classes - 1}), "
+            f"class_index out of range for {what} of {num_classes} classes (valid: 0..{num_classes - 1}), "
             f"got values {sorted(set(class_index.tolist()))}"
         )
     return class_index
