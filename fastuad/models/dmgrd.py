@@ -165,6 +165,9 @@ class DMGRD(nn.Module):
         triplet_margin: float = 1.0,
         ot_blur: float = 0.05,
         score_topk: int = 100,
+        fusion_width: float = 1.0,
+        residual_fusion: bool = False,
+        ot_iters: int = 10,
         memory_dtype: str = "float32",
         seed: int = 0,
         config: dict | None = None,
@@ -181,7 +184,9 @@ class DMGRD(nn.Module):
         self.encoder = encoder
         self.image_size = image_size
         chans, reds = encoder.channels, encoder.reductions
-        self.fusion = MultiScaleFeatureFusion([2 * c for c in chans], chans)
+        self.fusion = MultiScaleFeatureFusion([2 * c for c in chans], chans, width=fusion_width)
+        self.residual_fusion = bool(residual_fusion)
+        self.ot_iters = int(ot_iters)
         self.bottleneck = OCBE(chans, reds, embed_dim, fuse_dim, bottleneck_blocks, bottleneck_stride)
         self.decoder = MirroredDecoder(chans, reds, embed_dim, bottleneck_stride, decoder_blocks, decoder_width, False)
         self.normal_memory = ClassFeatureMemory(chans, dtype=_DTYPES[memory_dtype])
@@ -243,6 +248,8 @@ class DMGRD(nn.Module):
         item = memory.match(keys, class_index)
         matched = memory.gather(class_index, item, teacher[0].dtype)
         fused = self.fusion([torch.cat([t, (t - m) ** 2], dim=1) for t, m in zip(teacher, matched)])
+        if self.residual_fusion:
+            fused = [t + f for t, f in zip(teacher, fused)]
         return fused, memory.gather_keys(class_index, item)
 
     def features(self, images: torch.Tensor, class_index: torch.Tensor | None = None):
@@ -313,7 +320,7 @@ class DMGRD(nn.Module):
             a, b = members[:half], members[half:]
             for f in fused:
                 flat = torch.softmax(f.float().flatten(1), dim=1)
-                total = total + sinkhorn_divergence(flat[a], flat[b], blur=self.ot_blur)
+                total = total + sinkhorn_divergence(flat[a], flat[b], blur=self.ot_blur, iters=self.ot_iters)
         return total
 
     def _contrast_term(self, normal: list[torch.Tensor], abnormal: list[torch.Tensor]) -> torch.Tensor:
@@ -340,7 +347,7 @@ class DMGRD(nn.Module):
 
 
 _PRESETS = {
-    "default": {"backbone": DEFAULT_BACKBONE, "image_size": 256, "layers": (1, 2, 3), "memory_items": 10},
+    "default": {"backbone": DEFAULT_BACKBONE, "image_size": 256, "layers": (1, 2, 3), "memory_items": 10, "fusion_width": 0.5, "residual_fusion": True},
     "paper": {
         "backbone": "wide_resnet50_2",
         "image_size": 256,

@@ -63,13 +63,15 @@ class SpatialAttention(nn.Module):
 
 
 class _FusionBlock(nn.Module):
-    def __init__(self, cin: int, cout: int) -> None:
+    def __init__(self, cin: int, cout: int, hidden: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(cin, cin, 3, padding=1)
-        self.attn = NonLocalBlock(cin)
-        self.reduce = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.Conv2d(cout, cout, 3, padding=1))
+        self.squeeze = nn.Conv2d(cin, hidden, 1) if hidden != cin else nn.Identity()
+        self.conv = nn.Conv2d(hidden, hidden, 3, padding=1)
+        self.attn = NonLocalBlock(hidden)
+        self.reduce = nn.Sequential(nn.Conv2d(hidden, cout, 3, padding=1), nn.Conv2d(cout, cout, 3, padding=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.squeeze(x)
         return self.reduce(self.conv(x) * self.attn(x))
 
 
@@ -78,13 +80,20 @@ def _up(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class MultiScaleFeatureFusion(nn.Module):
-    """MSFF over levels (shallowest first): inputs ``[B, in_l, H_l, W_l]``, outputs ``[B, out_l, H_l, W_l]``."""
+    """MSFF over levels (shallowest first): inputs ``[B, in_l, H_l, W_l]``, outputs ``[B, out_l, H_l, W_l]``.
 
-    def __init__(self, in_channels: Sequence[int], out_channels: Sequence[int], attention_kernel: int = 7) -> None:
+    ``width`` in (0, 1] scales the width the gated conv and the non-local block work at
+    (``1``: the input width, as MemSeg/DM-GRD; less: a 1x1 conv squeezes the input first, for
+    a cheaper CPU model).
+    """
+
+    def __init__(self, in_channels: Sequence[int], out_channels: Sequence[int], attention_kernel: int = 7, width: float = 1.0) -> None:
         super().__init__()
         if len(in_channels) != len(out_channels) or not in_channels:
             raise ValueError(f"in_channels and out_channels must be non-empty and equally long, got {in_channels}, {out_channels}")
-        self.blocks = nn.ModuleList(_FusionBlock(i, o) for i, o in zip(in_channels, out_channels))
+        if not 0 < width <= 1:
+            raise ValueError(f"width must lie in (0, 1], got {width!r}")
+        self.blocks = nn.ModuleList(_FusionBlock(i, o, max(1, round(i * width))) for i, o in zip(in_channels, out_channels))
         self.up = nn.ModuleList(nn.Conv2d(out_channels[l + 1], out_channels[l], 3, padding=1) for l in range(len(out_channels) - 1))
         self.sam = SpatialAttention(attention_kernel)
 
