@@ -68,6 +68,13 @@ describes; facts from DESIGN.md:
   low-frequency Fourier amplitude swap with a DTD texture (no DTD offline).
 * Schedule: cosine decay to 0 after linear warm-up (theirs: to ``min_lr`` 1e-4); their unused
   weight-decay argument is not reproduced.
+* Default preset only (``preset="paper"`` has neither): the fusion works at half width
+  (``fusion_width=0.5``, a 1x1 conv squeezes its input; cheaper on a CPU) and its output is
+  added to the teacher features before the bottleneck (``residual_fusion=True``), so the student
+  keeps RD4AD's clean path from the teacher and the memory-guided fusion is a learned
+  correction. In the first 10-epoch demo run without it (fusion output alone into the
+  bottleneck, as the authors) the model detected anomalous images much less well than RD4AD
+  (image AUROC 0.74). The separation and triplet terms always act on the fusion output itself.
 """
 
 from __future__ import annotations
@@ -248,9 +255,13 @@ class DMGRD(nn.Module):
         item = memory.match(keys, class_index)
         matched = memory.gather(class_index, item, teacher[0].dtype)
         fused = self.fusion([torch.cat([t, (t - m) ** 2], dim=1) for t, m in zip(teacher, matched)])
+        return fused, memory.gather_keys(class_index, item)
+
+    def _student(self, teacher: list[torch.Tensor], fused: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The student's features from the fused ones (plus the teacher's with ``residual_fusion``)."""
         if self.residual_fusion:
             fused = [t + f for t, f in zip(teacher, fused)]
-        return fused, memory.gather_keys(class_index, item)
+        return self.decoder(self.bottleneck(fused))
 
     def features(self, images: torch.Tensor, class_index: torch.Tensor | None = None):
         """Teacher features, student features and the class used (inferred when not given)."""
@@ -262,7 +273,7 @@ class DMGRD(nn.Module):
             class_index = self.normal_memory.infer_class(keys)
         class_index = check_class_index(class_index, self.normal_memory.num_classes, "the normal memory").to(images.device)
         fused, _ = self._fuse(teacher, self.normal_memory, class_index, keys)
-        return teacher, self.decoder(self.bottleneck(fused)), class_index
+        return teacher, self._student(teacher, fused), class_index
 
     def forward(self, images: torch.Tensor, class_index: torch.Tensor | None = None):
         """Eval mode: ``(anomaly_map [B,1,H,W], score [B])``; train mode: ``(teacher, student)``."""
@@ -296,7 +307,7 @@ class DMGRD(nn.Module):
         keys = pooled_keys(teacher)
         f_normal, pos_keys = self._fuse(teacher, self.normal_memory, class_index, keys)
         f_abnormal, neg_keys = self._fuse(teacher, self.abnormal_memory, class_index, keys)
-        student = self.decoder(self.bottleneck(f_normal))
+        student = self._student(teacher, f_normal)
         return {
             "distill": self.loss_fn(target, student),
             "ot": self._ot_term(f_normal, class_index),
