@@ -186,3 +186,12 @@ def test_demo_accuracy_after_10_cpu_epochs(tmp_path):
     result = train(TrainConfig(model="dmgrd", dataset="mvtec", data_root=str(root), out=str(tmp_path / "run"), image_size=128, progress=False))
     mean = result["metrics"]["mean"]
     assert mean["i_auroc"] >= 0.85 and mean["p_auroc"] >= 0.90, mean
+
+
+def test_sinkhorn_divergence_is_zero_on_equal_clouds_and_the_squared_shift_over_two_otherwise():
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(3))
+    assert fastuad.nn.sinkhorn_divergence(x, x).abs().item() < 1e-6
+    # a translation by t costs |t|^2 / 2 (the debiasing removes the entropic blur)
+    torch.testing.assert_close(fastuad.nn.sinkhorn_divergence(x, x + 1.0, blur=1.0, iters=50), torch.tensor(2.5), atol=1e-3, rtol=1e-3)
+    with pytest.raises(ValueError, match="x and y must be"):
+        fastuad.nn.sinkhorn_divergence(x, torch.randn(3, 4))
