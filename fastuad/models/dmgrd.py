@@ -63,7 +63,9 @@ describes; facts from DESIGN.md:
   by a pseudo-anomalous version (another batch image as texture); the distillation target stays
   the teacher features of the clean image, so the memory difference learns to restore normal
   features (their loader also makes every second image pseudo-anomalous, but distils the
-  teacher features of the anomalous image itself). ``pseudo_ratio=0`` turns it off.
+  teacher features of the anomalous image itself). ``pseudo_ratio=0`` turns it off; the
+  default preset does (in 10 CPU epochs on the demo the loss with restoration stayed near 4.9
+  against 1.8 without, and image / pixel AUROC were 0.84 / 0.91 against 0.85 / 0.96).
 * Pseudo-anomaly texture: another class's training image (DRAEM-style blend), not their
   low-frequency Fourier amplitude swap with a DTD texture (no DTD offline).
 * Schedule: cosine decay to 0 after linear warm-up (theirs: to ``min_lr`` 1e-4); their unused
@@ -358,13 +360,15 @@ class DMGRD(nn.Module):
 
 
 _PRESETS = {
-    "default": {"backbone": DEFAULT_BACKBONE, "image_size": 256, "layers": (1, 2, 3), "memory_items": 10, "fusion_width": 0.5, "residual_fusion": True},
+    "default": {"backbone": DEFAULT_BACKBONE, "image_size": 256, "layers": (1, 2, 3), "memory_items": 10, "fusion_width": 0.5, "residual_fusion": True,
+                "pseudo_ratio": 0.0},
     "paper": {
         "backbone": "wide_resnet50_2",
         "image_size": 256,
         "layers": (1, 2, 3),
         "memory_items": 30,
         "memory_dtype": "float16",
+        "pseudo_ratio": 0.5,
         "embed_dim": 2048,
         "fuse_dim": 1024,
         "bottleneck_blocks": 3,
