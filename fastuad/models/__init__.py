@@ -111,4 +111,4 @@ def create_model(
 from fastuad.models.recipe import TrainRecipe  # noqa: E402
 
 # Importing the model modules registers them.
-from fastuad.models import dualad, patchcore, rd4ad, rlr  # noqa: E402,F401
+from fastuad.models import dmgrd, dualad, mddnet, patchcore, rd4ad, rlr  # noqa: E402,F401
