@@ -401,9 +401,13 @@ def memread_blocks(dim: int, dtype: torch.dtype, gpu: bool | None = None) -> tup
         return 16, 16, block_d, 4, 1
     if block_d <= 64:
         return 64, 32, block_d, 4, 3
-    # 16-row query blocks, 2 stages: at D=256 the 32-row, 3-stage blocks spilled 2.3 KB (query
-    # gradient) and 8.9 KB (memory gradient) on sm_90; these spill 0.5 KB and 1.1 KB.
-    return 16, 32, block_d, 4 if block_d <= 256 else 8, 2
+    # 16-row query blocks, 2 stages, 8 warps: at D=256 the 32-row, 3-stage blocks spilled 2.3 KB
+    # (query gradient) and 8.9 KB (memory gradient) on sm_90, 16-row ones with 4 warps 0.5 KB and
+    # 1.1 KB (fp16); 8 warps halve each thread's share of the [16|32, 256] rows and bring every
+    # row down (fp16: forward 0 B, query gradient 120 B, memory gradient 496 B; fp32 still spills,
+    # see `python -m fastuad.ops.compile_check --module memory`). Narrower BLOCK_M or 1 stage did
+    # not do better; 0 B needs the kernels to tile D.
+    return 16, 32, block_d, 8 if block_d >= 256 else 4, 2
 
 
 def memory_splits(n: int, m: int, k: int, block_n: int, block_m: int, sms: int, gpu: bool | None = None) -> int:
