@@ -193,8 +193,11 @@ if HAS_TRITON:
         the rule asks for 3xTF32, the two TF32 products of ``a``'s high and low halves give the
         3xTF32 result (``b``'s low half is zero) without splitting ``b``: fewer registers."""
         if B_EXACT and DOT_PRECISION == "tf32x3":
-            # a rounded to TF32 (10 mantissa bits, to nearest); a - a_hi is exact in fp32
-            a_hi = ((a.to(tl.int32, bitcast=True) + 4096) & -8192).to(tl.float32, bitcast=True)
+            # a truncated to TF32 (10 mantissa bits); a - a_hi is exact in fp32, and the tensor
+            # cores truncate it in turn: <= 2^-20 relative error per term, far below the 2^-11
+            # (fp16) / 2^-8 (bf16) rounding of the inputs. (Rounding a_hi to nearest costs one
+            # integer add per element, which spilled the memory-gradient kernel twice as much.)
+            a_hi = (a.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
             acc = tl.dot(a_hi, b, acc, input_precision="tf32")
             return tl.dot(a - a_hi, b, acc, input_precision="tf32")
         return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
@@ -421,9 +424,10 @@ def memread_blocks(dim: int, dtype: torch.dtype, gpu: bool | None = None) -> tup
     # 16-row query blocks, 2 stages, 8 warps: at D=256 the 32-row, 3-stage blocks spilled 2.3 KB
     # (query gradient) and 8.9 KB (memory gradient) on sm_90, 16-row ones with 4 warps 0.5 KB and
     # 1.1 KB (fp16); 8 warps halve each thread's share of the [16|32, 256] rows and bring every
-    # row down (fp16: forward 0 B, query gradient 120 B, memory gradient 496 B; fp32 still spills,
-    # see `python -m fastuad.ops.compile_check --module memory`). Narrower BLOCK_M or 1 stage did
-    # not do better; 0 B needs the kernels to tile D.
+    # row down (fp16, with _dot_exact_b: forward 0 B, query gradient 24 B, memory gradient
+    # 352-560 B; fp32 still spills, see `python -m fastuad.ops.compile_check --module memory`).
+    # Narrower BLOCK_M/BLOCK_N or 1 stage did not do better overall; 0 B needs the kernels to
+    # tile D.
     return 16, 32, block_d, 8 if block_d >= 256 else 4, 2
 
 
