@@ -26,6 +26,13 @@ def test_gpu_tiles_switches_every_heuristic():
         assert knn_config(9, 1536, torch.float16) == knn_config(9, 1536, torch.float16, gpu=True)
         assert memread_blocks(256, torch.float32) == memread_blocks(256, torch.float32, gpu=True)
         assert attention_blocks(torch.float16, 32) == attention_blocks(torch.float16, 32, gpu=True)
+        for kernel in ("fwd", "dq", "dkv"):
+            assert attention_blocks(torch.float32, 32, kernel=kernel) == attention_blocks(torch.float32, 32, gpu=True, kernel=kernel)
+
+
+def test_attention_blocks_rejects_unknown_kernel():
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        attention_blocks(torch.float32, 32, kernel="bwd")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -70,7 +77,8 @@ def test_memory_read_gpu_config(dtype, classes):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_local_attention_gpu_config(mode, dtype):
     """A 16x12 grid (192 tokens: three 64-token tiles) with k, v broadcast from batch 1, window 7:
-    the 64x64 tiles of the forward, dQ and dK/dV kernels, band and tile skipping included."""
+    the GPU tiles of the forward, dQ and dK/dV kernels (64x64 for fp16; 64x32, 64x32 and 16x64
+    for fp32), band and tile skipping included."""
     B, H, W, NH, d = 2, 16, 12, 2, 32
     q = _randn(B, H, W, NH, d, dtype=dtype).requires_grad_(True)
     k = _randn(1, H, W, NH, d, dtype=dtype, seed=1).requires_grad_(True)

@@ -184,3 +184,26 @@ _M3 = torch.randn(3, 5, 8)
 def test_bad_input_names_the_argument(args, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         memory_read(*args, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("k,lam,rw", [(None, 0.05, False), (2, 0.1, True)])
+def test_triton_split_tf32_products_match_reference(monkeypatch, dtype, k, lam, rw):
+    """The GPU rule (3xTF32) under the interpreter: 16-bit inputs take the two-product path of
+    ``_dot_exact_b`` (the operand rounded to TF32 plus its exact remainder); fp32 the plain one."""
+    if dtype not in float_dtypes_for_triton():
+        pytest.skip(f"{dtype} not supported by this Triton build")
+    import fastuad.ops.memory as memory_mod
+
+    monkeypatch.setattr(memory_mod, "dot_precision", lambda device, dt: "tf32x3")
+    n, m, d = 37, 21, 40
+    q, mem, ci = _data(n, m, d, k, dtype, seed=5)
+    got = _fwd_bwd("triton", q, mem, ci, "cosine", 0.5, lam, rw)
+    want = _fwd_bwd("torch", q, mem, ci, "cosine", 0.5, lam, rw)
+    for name, a, b in zip(("out", "weights", "grad_query", "grad_memory"), got, want):
+        if b is None:
+            continue
+        scale = b.float().abs().max().item()
+        err = (a.float() - b.float()).abs().max().item()
+        tol = 2e-5 if dtype == torch.float32 else 3e-3
+        assert err <= tol * max(scale, 1.0), f"{name}: max error {err} (scale {scale})"

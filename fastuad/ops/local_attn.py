@@ -503,25 +503,39 @@ if HAS_TRITON:
 # --------------------------------------------------------------------------------------------
 
 
-def attention_blocks(dtype: torch.dtype, head_dim: int, gpu: bool | None = None) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the three kernels.
+ATTN_KERNELS = ("fwd", "dq", "dkv")
+
+
+def attention_blocks(
+    dtype: torch.dtype, head_dim: int, gpu: bool | None = None, kernel: str = "fwd"
+) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for ``kernel`` in ``"fwd"``, ``"dq"``, ``"dkv"``.
 
     Not tuned on a GPU yet (no sweep on file): 64×64 tiles, the FlashAttention-2 tutorial's
     choice for head dims up to 64 (the Triton limit, MAX_HEAD_DIM); 16×16 for float64 (its
-    products are broadcast-and-sum in registers). The interpreter gets 16×16 so that small test
-    grids still span several tiles. ``gpu=None`` follows the process (interpreter tiles unless
-    :func:`fastuad.ops._launch.gpu_tiles` is active); ``True`` is what a GPU launch uses.
+    products are broadcast-and-sum in registers). float32 products use 3xTF32, which holds each
+    operand as two tf32 halves: at 64×64 all three kernels spilled on sm_90 (up to 704 B), so
+    float32 takes 64×32 tiles (forward, dQ: 64 queries against 32-key tiles) and 16×64 with
+    8 warps for dK/dV (64 keys against 16-query tiles), which compile without a stack frame at
+    d=32 (``python -m fastuad.ops.compile_check --module local_attn``). The interpreter gets
+    16×16 so that small test grids still span several tiles. ``gpu=None`` follows the process
+    (interpreter tiles unless :func:`fastuad.ops._launch.gpu_tiles` is active); ``True`` is what
+    a GPU launch uses.
     """
+    if kernel not in ATTN_KERNELS:
+        raise ValueError(f"kernel must be one of {ATTN_KERNELS}, got {kernel!r}")
     if gpu is None:
         gpu = not interpreter_tiles()
     if not gpu or dtype == torch.float64:
         return 16, 16, 4, 1
+    if dtype == torch.float32:
+        return (16, 64, 8, 2) if kernel == "dkv" else (64, 32, 4, 2)
     return 64, 64, 4, 2
 
 
-def _launch_meta(q: torch.Tensor, mode: str, blocks: tuple[int, int] | None) -> dict:
+def _launch_meta(q: torch.Tensor, mode: str, blocks: tuple[int, int] | None, kernel: str = "fwd") -> dict:
     B, H, W, NH, D = q.shape
-    block_m, block_n, warps, stages = attention_blocks(q.dtype, D)
+    block_m, block_n, warps, stages = attention_blocks(q.dtype, D, kernel=kernel)
     if blocks is not None:
         block_m, block_n = blocks
     # One rule for every op (fastuad.ops._launch.dot_precision_for); float64 does not use tl.dot.
@@ -562,11 +576,11 @@ def local_attention_triton_backward(
     grad = grad.contiguous()
     # delta = rowsum(dO · O) per query: the softmax-Jacobian term of FlashAttention-2's backward.
     delta = (grad.to(o.dtype) * o).sum(-1).reshape(B, L, NH).transpose(1, 2).contiguous()
-    meta = _launch_meta(q, mode, blocks)
     common = (L, H, W, NH, D)
     dq = dk = dv = None
     if need_q:
         dq = torch.empty_like(q)
+        meta = _launch_meta(q, mode, blocks, "dq")
         kv_stride = 0 if Bk == 1 else L * NH * D
         grid = (cdiv(L, meta["BLOCK_M"]), B * NH)
         _bwd_dq_kernel[grid](
@@ -574,6 +588,7 @@ def local_attention_triton_backward(
         )
     if need_kv:
         dk, dv = torch.empty_like(k), torch.empty_like(v)
+        meta = _launch_meta(q, mode, blocks, "dkv")
         grid = (cdiv(L, meta["BLOCK_N"]), Bk * NH)
         _bwd_dkv_kernel[grid](
             q, k, v, grad, lse, delta, dk, dv, *common, B // Bk, radii[0], radii[1], scale * LOG2E, scale, **meta
@@ -629,26 +644,26 @@ def compile_targets() -> list[CompileTarget]:
     targets: dict[tuple, CompileTarget] = {}
     for workload, (h, w), d, modes, dtypes, hot in _ATTN_WORKLOADS:
         for dtype in dtypes:
-            block_m, block_n, warps, stages = attention_blocks(dtype, d, gpu=True)
             block_d = max(16, next_power_of_2(d))
             el = "*" + _TRITON_TYPES[dtype]
             dims = dict(L=h * w, H=h, W=w, NH=8, D=d)
             ints = {n: "i32" for n in ("L", "H", "W", "NH", "D", "R_H", "R_W")}
             aligned_ints = tuple(n for n, v in dims.items() if v % 16 == 0)
-            for mode in modes:
-                consts = dict(MODE=MODE_IDS[mode], FP64=False, PRECISION=_gpu_precision(dtype),
-                              BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
-                kernels = (
-                    (_fwd_kernel, "fwd", dict(q_ptr=el, k_ptr=el, v_ptr=el, o_ptr="*fp32", lse_ptr="*fp32",
-                                              KV_BATCH_STRIDE="i32", qk_scale="fp32", **ints)),
-                    (_bwd_dq_kernel, "bwd-dq", dict(q_ptr=el, k_ptr=el, v_ptr=el, do_ptr="*fp32", lse_ptr="*fp32",
-                                                    delta_ptr="*fp32", dq_ptr=el, KV_BATCH_STRIDE="i32",
-                                                    qk_scale="fp32", scale="fp32", **ints)),
-                    (_bwd_dkv_kernel, "bwd-dkv", dict(q_ptr=el, k_ptr=el, v_ptr=el, do_ptr="*fp32", lse_ptr="*fp32",
-                                                      delta_ptr="*fp32", dk_ptr=el, dv_ptr=el, Q_PER_KV="i32",
+            kernels = (
+                (_fwd_kernel, "fwd", "fwd", dict(q_ptr=el, k_ptr=el, v_ptr=el, o_ptr="*fp32", lse_ptr="*fp32",
+                                                 KV_BATCH_STRIDE="i32", qk_scale="fp32", **ints)),
+                (_bwd_dq_kernel, "dq", "bwd-dq", dict(q_ptr=el, k_ptr=el, v_ptr=el, do_ptr="*fp32", lse_ptr="*fp32",
+                                                      delta_ptr="*fp32", dq_ptr=el, KV_BATCH_STRIDE="i32",
                                                       qk_scale="fp32", scale="fp32", **ints)),
-                )
-                for kernel, label, types in kernels:
+                (_bwd_dkv_kernel, "dkv", "bwd-dkv", dict(q_ptr=el, k_ptr=el, v_ptr=el, do_ptr="*fp32", lse_ptr="*fp32",
+                                                         delta_ptr="*fp32", dk_ptr=el, dv_ptr=el, Q_PER_KV="i32",
+                                                         qk_scale="fp32", scale="fp32", **ints)),
+            )
+            for mode in modes:
+                for kernel, role, label, types in kernels:
+                    block_m, block_n, warps, stages = attention_blocks(dtype, d, gpu=True, kernel=role)
+                    consts = dict(MODE=MODE_IDS[mode], FP64=False, PRECISION=_gpu_precision(dtype),
+                                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
                     aligned = tuple(n for n, t in types.items() if t.startswith("*")) + aligned_ints
                     key = (label, dtype, mode, block_m, block_n, block_d, warps, stages, aligned)
                     if key in targets:

@@ -188,10 +188,26 @@ if HAS_TRITON:
         return tl.where(p > lam, inv * (2.0 * p - lam) - (p - lam) * p * inv * inv, 0.0)
 
     @triton.jit
-    def _grad_w(g, mt_acc, gw_ptr, rows, valid, j, jmask, M, HAS_GW: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    def _dot_exact_b(a, b, acc, B_EXACT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """``a @ b (+ acc)``. When ``b`` holds 16-bit inputs upcast to fp32 (exact in TF32) and
+        the rule asks for 3xTF32, the two TF32 products of ``a``'s high and low halves give the
+        3xTF32 result (``b``'s low half is zero) without splitting ``b``: fewer registers."""
+        if B_EXACT and DOT_PRECISION == "tf32x3":
+            # a truncated to TF32 (10 mantissa bits); a - a_hi is exact in fp32, and the tensor
+            # cores truncate it in turn: <= 2^-20 relative error per term, far below the 2^-11
+            # (fp16) / 2^-8 (bf16) rounding of the inputs. (Rounding a_hi to nearest costs one
+            # integer add per element, which spilled the memory-gradient kernel twice as much.)
+            a_hi = (a.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+            acc = tl.dot(a_hi, b, acc, input_precision="tf32")
+            return tl.dot(a - a_hi, b, acc, input_precision="tf32")
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    @triton.jit
+    def _grad_w(g, mt_acc, gw_ptr, rows, valid, j, jmask, M, HAS_GW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                B_EXACT: tl.constexpr):
         """Gradient of the loss in the weights of a tile: ``g·m_j`` plus, when the returned
         weights are themselves used (an entropy loss), their incoming gradient."""
-        gw = tl.dot(g, tl.trans(mt_acc), input_precision=DOT_PRECISION)
+        gw = _dot_exact_b(g, tl.trans(mt_acc), None, B_EXACT, DOT_PRECISION)
         if HAS_GW:
             gw += tl.load(gw_ptr + rows[:, None] * M + j[None, :], mask=valid[:, None] & jmask[None, :], other=0.0)
         return gw
@@ -223,6 +239,7 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        MEM16: tl.constexpr = m_ptr.dtype.element_ty != tl.float32 and m_ptr.dtype.element_ty != tl.float64
         rows, valid, cls = _query_block(pid, blk_ptr, rows_ptr, N, G, CLASSED, BLOCK_N)
         d = tl.arange(0, BLOCK_D)
         dmask = d < D
@@ -242,7 +259,7 @@ if HAS_TRITON:
             p = tl.exp(s - new_mx[:, None])
             l_sum = l_sum * alpha + tl.sum(p, axis=1)
             if not TWO_PASS:
-                acc = acc * alpha[:, None] + tl.dot(p, mt.to(ACC), input_precision=DOT_PRECISION)
+                acc = _dot_exact_b(p, mt.to(ACC), acc * alpha[:, None], MEM16, DOT_PRECISION)
             mx = new_mx
         lse = mx + tl.log(l_sum)
         ssum = tl.zeros([BLOCK_N], ACC) + 1.0
@@ -254,7 +271,7 @@ if HAS_TRITON:
                 if SHRINK:
                     w = _shrink(w, lam)
                 ssum += tl.sum(w, axis=1)
-                acc += tl.dot(w, mt.to(ACC), input_precision=DOT_PRECISION)
+                acc = _dot_exact_b(w, mt.to(ACC), acc, MEM16, DOT_PRECISION)
                 if WRITE_W:  # unnormalised when shrinking: the host divides by the saved sums
                     tl.store(w_ptr + rows[:, None] * M + j[None, :], w, mask=valid[:, None] & jmask[None, :])
             acc = acc / tl.maximum(ssum, 1e-12)[:, None]
@@ -275,6 +292,7 @@ if HAS_TRITON:
     ):
         """Query gradient, and the per-query sums (``R``, ``g·out``) the memory-gradient kernel needs."""
         pid = tl.program_id(0)
+        MEM16: tl.constexpr = m_ptr.dtype.element_ty != tl.float32 and m_ptr.dtype.element_ty != tl.float64
         rows, valid, cls = _query_block(pid, blk_ptr, rows_ptr, N, G, CLASSED, BLOCK_N)
         d = tl.arange(0, BLOCK_D)
         dmask = d < D
@@ -296,7 +314,7 @@ if HAS_TRITON:
             for m0 in range(0, M, BLOCK_M):
                 j, jmask, mt, c = _memory_tile(m_base, c_base, m0, d, dmask, M, sm_m, BLOCK_M)
                 p = tl.exp(_logits(q, mt, a, c, jmask, DOT_PRECISION) - lse[:, None])
-                gw = _grad_w(g, mt.to(ACC), gw_ptr, rows, valid, j, jmask, M, HAS_GW, DOT_PRECISION)
+                gw = _grad_w(g, mt.to(ACC), gw_ptr, rows, valid, j, jmask, M, HAS_GW, DOT_PRECISION, MEM16)
                 _, _, dp = _weight_grads(p, gw, gdo, ssum, R, lam, SHRINK)
                 R += tl.sum(p * dp, axis=1)
         tl.store(aux_ptr + rows, R, mask=valid)
@@ -309,9 +327,9 @@ if HAS_TRITON:
                 s = _logits(q, mt, a, c, jmask, DOT_PRECISION)
                 p = tl.exp(s - lse[:, None])
                 mt_acc = mt.to(ACC)
-                gw = _grad_w(g, mt_acc, gw_ptr, rows, valid, j, jmask, M, HAS_GW, DOT_PRECISION)
+                gw = _grad_w(g, mt_acc, gw_ptr, rows, valid, j, jmask, M, HAS_GW, DOT_PRECISION, MEM16)
                 _, ds, _ = _weight_grads(p, gw, gdo, ssum, R, lam, SHRINK)
-                dq += tl.dot(ds * c[None, :], mt_acc, input_precision=DOT_PRECISION)
+                dq = _dot_exact_b(ds * c[None, :], mt_acc, dq, MEM16, DOT_PRECISION)
                 if COSINE:
                     dss += tl.sum(ds * tl.where(jmask[None, :], s, 0.0), axis=1)
             dq = dq * a[:, None]
@@ -335,6 +353,7 @@ if HAS_TRITON:
         the splits in order (deterministic, no atomics).
         """
         pid_m = tl.program_id(0)
+        MEM16: tl.constexpr = m_ptr.dtype.element_ty != tl.float32 and m_ptr.dtype.element_ty != tl.float64
         cls = tl.program_id(1).to(tl.int64)
         split = tl.program_id(2)
         j = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -373,10 +392,11 @@ if HAS_TRITON:
             gdo = tl.load(aux_ptr + N + rows, mask=valid, other=0.0)
             s = _logits(q, mt, a, c, jmask, DOT_PRECISION)
             p = tl.where(valid[:, None], tl.exp(s - lse[:, None]), 0.0)
-            gw = _grad_w(g, mt_acc, gw_ptr, rows, valid, j, jmask, M, HAS_GW, DOT_PRECISION)
+            gw = _grad_w(g, mt_acc, gw_ptr, rows, valid, j, jmask, M, HAS_GW, DOT_PRECISION, MEM16)
             w, ds, _ = _weight_grads(p, gw, gdo, ssum, R, lam, SHRINK)
-            acc += tl.dot(tl.trans(w), g, input_precision=DOT_PRECISION)
-            acc += tl.dot(tl.trans(ds * a[:, None]), q.to(ACC), input_precision=DOT_PRECISION) * c[:, None]
+            acc = tl.dot(tl.trans(w), g, acc, input_precision=DOT_PRECISION)
+            # the slot scale c is folded into the operand so that the product accumulates in place
+            acc = _dot_exact_b(tl.trans(ds * a[:, None] * c[None, :]), q.to(ACC), acc, MEM16, DOT_PRECISION)
             if COSINE:
                 dss += tl.sum(ds * tl.where(jmask[None, :] & valid[:, None], s, 0.0), axis=0)
         if COSINE:  # through the normalisation of the slots (a constant where |m_j| is clamped)
@@ -401,9 +421,14 @@ def memread_blocks(dim: int, dtype: torch.dtype, gpu: bool | None = None) -> tup
         return 16, 16, block_d, 4, 1
     if block_d <= 64:
         return 64, 32, block_d, 4, 3
-    # 16-row query blocks, 2 stages: at D=256 the 32-row, 3-stage blocks spilled 2.3 KB (query
-    # gradient) and 8.9 KB (memory gradient) on sm_90; these spill 0.5 KB and 1.1 KB.
-    return 16, 32, block_d, 4 if block_d <= 256 else 8, 2
+    # 16-row query blocks, 2 stages, 8 warps: at D=256 the 32-row, 3-stage blocks spilled 2.3 KB
+    # (query gradient) and 8.9 KB (memory gradient) on sm_90, 16-row ones with 4 warps 0.5 KB and
+    # 1.1 KB (fp16); 8 warps halve each thread's share of the [16|32, 256] rows and bring every
+    # row down (fp16, with _dot_exact_b: forward 0 B, query gradient 24 B, memory gradient
+    # 352-560 B; fp32 still spills, see `python -m fastuad.ops.compile_check --module memory`).
+    # Narrower BLOCK_M/BLOCK_N or 1 stage did not do better overall; 0 B needs the kernels to
+    # tile D.
+    return 16, 32, block_d, 8 if block_d >= 256 else 4, 2
 
 
 def memory_splits(n: int, m: int, k: int, block_n: int, block_m: int, sms: int, gpu: bool | None = None) -> int:
