@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -69,7 +70,13 @@ def test_two_gloo_processes_match_one_process_and_resume(tiny_root, tmp_path):
     # 8 training images, global batch 4: 2 steps per epoch; 2 ranks x 2 images per step
     ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
     cfgs = [_cfg(tiny_root, ddp_out, epochs=1), _cfg(tiny_root, ddp_out, epochs=2, resume=True)]
-    mp.spawn(_worker, args=(2, _free_port(), cfgs, str(tmp_path)), nprocs=2, join=True)
+    procs = mp.start_processes(_worker, args=(2, _free_port(), cfgs, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 600
+    while not procs.join(timeout=5):  # never hang CI: a stuck process group fails the test instead
+        if time.monotonic() > deadline:
+            for p in procs.processes:
+                p.kill()
+            pytest.fail("the 2-process Gloo run did not finish within 600 s")
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     # rank 0 alone evaluates; both see the same epochs and the same (all-reduced) losses
     assert [run["metrics"] for run in ranks[0]] == [True, True] and [run["metrics"] for run in ranks[1]] == [False, False]
