@@ -21,6 +21,7 @@ How the engine uses them:
 from __future__ import annotations
 
 import dataclasses
+import atexit
 import datetime
 import os
 
@@ -72,14 +73,26 @@ def setup(device: torch.device) -> tuple[World, torch.device, bool]:
     if not dist.is_initialized():
         # generous timeout: the other ranks wait while rank 0 builds a bank or evaluates
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
+        atexit.register(_destroy)
         joined = True
     return world(), device, joined
 
 
-def teardown(joined: bool) -> None:
-    """Leave the process group if :func:`setup` joined it."""
-    if joined and dist.is_initialized():
+def _destroy() -> None:
+    if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def teardown(joined: bool) -> None:
+    """End of a :func:`fastuad.engine.train` call: wait for every rank, keep the group.
+
+    The group lives until the process exits (then it is destroyed). Destroying it here and
+    joining again in a second ``train`` call of the same processes (train, then resume) reused
+    the rendezvous store's keys of the first group: Gloo then waited forever for peers at the
+    old group's addresses. One group per process avoids that.
+    """
+    if joined and dist.is_initialized():
+        dist.barrier()
 
 
 def barrier() -> None:
