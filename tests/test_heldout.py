@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastuad.data import build_dataset
+from fastuad.data import DataError, build_dataset
 from fastuad.data.demo import DEMO_CLASSES
 from fastuad.data.heldout import HELDOUT_CLASSES, HELDOUT_DEFECTS, _draw_defect, _photo, make_heldout_dataset
 
@@ -25,7 +25,7 @@ def test_heldout_set_is_deterministic_with_masks_that_match_the_defects(tmp_path
         assert (item["mask"].sum() > 0) == bool(item["label"])
         if item["label"]:  # small defects: under 5% of the image
             assert float(item["mask"].float().mean()) < 0.05
-    with pytest.raises(ValueError, match="subset of"):
+    with pytest.raises(DataError, match="subset of"):
         make_heldout_dataset(tmp_path / "d", classes=("brick",))
 
 

@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image
 
 from fastuad.data.demo import _object_view, _resize, _save
 from fastuad.data.synthesis import perlin_mask
+from fastuad.errors import DataError
 
 __all__ = ["HELDOUT_CLASSES", "HELDOUT_DEFECTS", "make_heldout_dataset"]
 
@@ -199,10 +199,10 @@ def make_heldout_dataset(
     A ``heldout.json`` records the parameters; calling again with the same ones reuses the files.
     """
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32:
-        raise ValueError(f"image_size must be an int >= 32, got {image_size!r}")
+        raise DataError(f"image_size must be an int >= 32, got {image_size!r}")
     unknown = sorted(set(classes) - set(HELDOUT_CLASSES))
     if unknown or not classes:
-        raise ValueError(f"classes must be a non-empty subset of {HELDOUT_CLASSES}, got {tuple(classes)}")
+        raise DataError(f"classes must be a non-empty subset of {HELDOUT_CLASSES}, got {tuple(classes)}")
     root = Path(root)
     params = {"version": _VERSION, "seed": seed, "image_size": image_size, "n_train": n_train,
               "n_test_good": n_test_good, "n_test_per_defect": n_test_per_defect, "classes": sorted(classes)}
