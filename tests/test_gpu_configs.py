@@ -49,12 +49,16 @@ def test_knn_gpu_config(k, dtype):
     torch.testing.assert_close(named, ref.double(), atol=2e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("classes", [None, 3])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_memory_read_gpu_config(dtype, classes):
-    """D=200 (one 256-wide row, masked), 70 queries in 32-row blocks, 70 slots in 32-slot tiles;
-    cosine, shrinkage λ = 1/M, forward and both gradients."""
-    n, m, dim = 70, 70, 200
+@pytest.mark.parametrize("dtype,classes,dim", [
+    (torch.float32, None, 200), (torch.float32, 3, 200), (torch.float16, None, 200), (torch.float16, 3, 200),
+    (torch.float32, None, 300), (torch.float16, 3, 300),
+])
+def test_memory_read_gpu_config(dtype, classes, dim):
+    """D=200: one 256-column output chunk (masked), reduced over 64 (fp16) / 32 (fp32) column
+    chunks, the last partial; D=300: two output chunks, each program recomputing the logits.
+    70 queries in 16-row blocks, 70 slots in 32-slot tiles; cosine, shrinkage λ = 1/M, forward
+    and both gradients."""
+    n, m = 70, 70
     q = _randn(n, dim, dtype=dtype).requires_grad_(True)
     shape = (m, dim) if classes is None else (classes, m, dim)
     mem = _randn(*shape, dtype=dtype, seed=1).requires_grad_(True)
