@@ -15,7 +15,9 @@ Layout: ``<root>/<class>/train/good/*.png``, ``<class>/test/{good,scratch,blob,s
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -157,6 +159,65 @@ def _save(img: np.ndarray, path: Path) -> None:
     Image.fromarray(img).save(path)
 
 
+# A class's writer: ``(name, class position) -> (view, defect)``, where ``view(test)`` renders one
+# image and ``defect(image, kind)`` draws a defect on it, returning ``(image, mask)``.
+ClassWriter = Callable[[str, int], tuple[Callable[[bool], np.ndarray], Callable[[np.ndarray, str], tuple[np.ndarray, np.ndarray]]]]
+
+
+def write_mvtec_set(
+    root: str | Path,
+    *,
+    manifest: str,
+    version: int,
+    known_classes: tuple[str, ...],
+    defects: tuple[str, ...],
+    classes: tuple[str, ...],
+    seed: int,
+    image_size: int,
+    n_train: int,
+    n_test_good: int,
+    n_test_per_defect: int,
+    writer: ClassWriter,
+) -> Path:
+    """Write a generated set under ``root`` in MVTec AD layout and return ``root``.
+
+    The parameters are checked (``DataError`` naming the argument) and recorded in the
+    ``manifest`` file: an identical set already there is reused, one built with other parameters
+    is rebuilt whole. Per class, in this order: ``n_train`` normal training images, ``n_test_good``
+    normal test images, then ``n_test_per_defect`` images of each defect kind with their masks.
+    """
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32:
+        raise DataError(f"image_size must be an int >= 32, got {image_size!r}")
+    unknown = sorted(set(classes) - set(known_classes))
+    if unknown or not classes:
+        raise DataError(f"classes must be a non-empty subset of {known_classes}, got {tuple(classes)}")
+    root = Path(root)
+    params = {"version": version, "seed": seed, "image_size": image_size, "n_train": n_train,
+              "n_test_good": n_test_good, "n_test_per_defect": n_test_per_defect, "classes": sorted(classes)}
+    record = root / manifest
+    if record.is_file():
+        if json.loads(record.read_text()) == params:
+            return root
+        for name in known_classes:  # built with other parameters: rebuild it whole
+            shutil.rmtree(root / name, ignore_errors=True)
+        record.unlink()
+    for ci, name in enumerate(sorted(classes)):
+        view, defect = writer(name, ci)
+        base = root / name
+        for i in range(n_train):
+            _save(view(False), base / "train" / "good" / f"{i:03d}.png")
+        for i in range(n_test_good):
+            _save(view(True), base / "test" / "good" / f"{i:03d}.png")
+        for kind in defects:
+            for i in range(n_test_per_defect):
+                img, mask = defect(view(True), kind)
+                _save(img, base / "test" / kind / f"{i:03d}.png")
+                _save(mask.astype(np.uint8) * 255, base / "ground_truth" / kind / f"{i:03d}_mask.png")
+    root.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(params))
+    return root
+
+
 def make_demo_dataset(
     root: str | Path,
     seed: int = 0,
@@ -170,40 +231,18 @@ def make_demo_dataset(
 
     A ``demo.json`` records the parameters; calling again with the same ones reuses the files.
     """
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32:
-        raise DataError(f"image_size must be an int >= 32, got {image_size!r}")
-    unknown = sorted(set(classes) - set(DEMO_CLASSES))
-    if unknown or not classes:
-        raise DataError(f"classes must be a non-empty subset of {DEMO_CLASSES}, got {tuple(classes)}")
-    root = Path(root)
-    params = {"version": _VERSION, "seed": seed, "image_size": image_size, "n_train": n_train,
-              "n_test_good": n_test_good, "n_test_per_defect": n_test_per_defect, "classes": sorted(classes)}
-    manifest = root / "demo.json"
-    if manifest.is_file():
-        if json.loads(manifest.read_text()) == params:
-            return root
-        import shutil
 
-        for name in DEMO_CLASSES:  # a demo set built with other parameters: rebuild it whole
-            shutil.rmtree(root / name, ignore_errors=True)
-        manifest.unlink()
-    for ci, name in enumerate(sorted(classes)):
+    def writer(name: str, ci: int):
         rng = np.random.default_rng([seed, ci])
         photo = _photo(name)
         if name in TEXTURES:
             view = lambda test: _texture_crop(photo, rng, image_size, test)  # noqa: E731
         else:
             view = lambda test: _object_view(photo, rng, image_size)  # noqa: E731
-        base = root / name
-        for i in range(n_train):
-            _save(view(False), base / "train" / "good" / f"{i:03d}.png")
-        for i in range(n_test_good):
-            _save(view(True), base / "test" / "good" / f"{i:03d}.png")
-        for kind in DEMO_DEFECTS:
-            for i in range(n_test_per_defect):
-                img, mask = _draw_defect(view(True), kind, rng)
-                _save(img, base / "test" / kind / f"{i:03d}.png")
-                _save(mask.astype(np.uint8) * 255, base / "ground_truth" / kind / f"{i:03d}_mask.png")
-    root.mkdir(parents=True, exist_ok=True)
-    manifest.write_text(json.dumps(params))
-    return root
+        return view, lambda img, kind: _draw_defect(img, kind, rng)
+
+    return write_mvtec_set(
+        root, manifest="demo.json", version=_VERSION, known_classes=DEMO_CLASSES, defects=DEMO_DEFECTS,
+        classes=classes, seed=seed, image_size=image_size, n_train=n_train, n_test_good=n_test_good,
+        n_test_per_defect=n_test_per_defect, writer=writer,
+    )

@@ -28,16 +28,13 @@ Layout: ``<root>/<class>/train/good/*.png``, ``<class>/test/{good,patch,crack,st
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from fastuad.data.demo import _object_view, _resize, _save
+from fastuad.data.demo import _object_view, _resize, write_mvtec_set
 from fastuad.data.synthesis import perlin_mask
-from fastuad.errors import DataError
 
 __all__ = ["HELDOUT_CLASSES", "HELDOUT_DEFECTS", "make_heldout_dataset"]
 
@@ -198,23 +195,9 @@ def make_heldout_dataset(
 
     A ``heldout.json`` records the parameters; calling again with the same ones reuses the files.
     """
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32:
-        raise DataError(f"image_size must be an int >= 32, got {image_size!r}")
-    unknown = sorted(set(classes) - set(HELDOUT_CLASSES))
-    if unknown or not classes:
-        raise DataError(f"classes must be a non-empty subset of {HELDOUT_CLASSES}, got {tuple(classes)}")
-    root = Path(root)
-    params = {"version": _VERSION, "seed": seed, "image_size": image_size, "n_train": n_train,
-              "n_test_good": n_test_good, "n_test_per_defect": n_test_per_defect, "classes": sorted(classes)}
-    manifest = root / "heldout.json"
-    if manifest.is_file():
-        if json.loads(manifest.read_text()) == params:
-            return root
-        for name in HELDOUT_CLASSES:  # built with other parameters: rebuild it whole
-            shutil.rmtree(root / name, ignore_errors=True)
-        manifest.unlink()
     photos = {name: _photo(name) for name in HELDOUT_CLASSES}
-    for ci, name in enumerate(sorted(classes)):
+
+    def writer(name: str, ci: int):
         rng = np.random.default_rng([seed, 1000 + ci])
         photo = photos[name]
         donors = [p for n, p in sorted(photos.items()) if n != name]
@@ -225,16 +208,10 @@ def make_heldout_dataset(
             view = lambda test: _texture_crop(photo, region, rng, image_size, test)  # noqa: E731
         else:
             view = lambda test: _object_view(photo, rng, image_size)  # noqa: E731
-        base = root / name
-        for i in range(n_train):
-            _save(view(False), base / "train" / "good" / f"{i:03d}.png")
-        for i in range(n_test_good):
-            _save(view(True), base / "test" / "good" / f"{i:03d}.png")
-        for kind in HELDOUT_DEFECTS:
-            for i in range(n_test_per_defect):
-                img, mask = _draw_defect(view(True), kind, rng, donors)
-                _save(img, base / "test" / kind / f"{i:03d}.png")
-                _save(mask.astype(np.uint8) * 255, base / "ground_truth" / kind / f"{i:03d}_mask.png")
-    root.mkdir(parents=True, exist_ok=True)
-    manifest.write_text(json.dumps(params))
-    return root
+        return view, lambda img, kind: _draw_defect(img, kind, rng, donors)
+
+    return write_mvtec_set(
+        root, manifest="heldout.json", version=_VERSION, known_classes=HELDOUT_CLASSES, defects=HELDOUT_DEFECTS,
+        classes=classes, seed=seed, image_size=image_size, n_train=n_train, n_test_good=n_test_good,
+        n_test_per_defect=n_test_per_defect, writer=writer,
+    )
