@@ -75,7 +75,7 @@ from fastuad.models import ModelError, TrainRecipe, register_model
 from fastuad.nn import MemoryModule
 from fastuad.nn.transformer import LearnedPositionEmbedding2d, MaskedDecoderLayer, MaskedEncoderLayer
 
-__all__ = ["DualAD", "MemoryMLP", "WideTransformer", "NarrowDeepTransformer", "dualad", "dualad_ho", "PRESETS"]
+__all__ = ["DualAD", "TokenStandardizer", "MemoryMLP", "WideTransformer", "NarrowDeepTransformer", "dualad", "dualad_ho", "PRESETS"]
 
 VARIANTS = ("heterogeneous", "homogeneous")
 # Backbones whose layers 1-3 are at strides 4/8/16, as the paper's ResNet-family runs use them.
@@ -87,12 +87,12 @@ PRESETS: dict[str, dict] = {
     "paper": dict(
         backbone="wide_resnet50_2", image_size=224, layers=(1, 2, 3), pool=4, width=256, depth=4, num_heads=8,
         ffn_dim=1024, window=7, dropout=0.1, mlp_hidden=4096, num_slots=196, wide_layers=2, memory_temperature=1.0, skip=False, jitter=3.2,
-        score_pool=16,
+        standardize=False, score_pool=16,
     ),
     "default": dict(
         backbone=DEFAULT_BACKBONE, image_size=256, layers=(1, 2, 3), pool=4, width=64, depth=2, num_heads=4,
-        ffn_dim=256, window=None, dropout=0.1, mlp_hidden=512, num_slots=64, wide_layers=1, memory_temperature=1.0, skip=False, jitter=3.2,
-        score_pool=None,
+        ffn_dim=256, window=None, dropout=0.1, mlp_hidden=512, num_slots=64, wide_layers=1, memory_temperature=0.1, skip=False, jitter=3.2,
+        standardize=True, score_pool=None,
     ),
 }
 RECIPES: dict[str, TrainRecipe] = {
@@ -101,7 +101,7 @@ RECIPES: dict[str, TrainRecipe] = {
         schedule="step", milestones=(1000,), gamma=0.1,
     ),
     "default": TrainRecipe(
-        optimizer="adamw", lr=1e-3, betas=(0.9, 0.999), weight_decay=1e-4, epochs=10, batch_size=8, grad_clip=0.1,
+        optimizer="adamw", lr=1e-3, betas=(0.9, 0.999), weight_decay=1e-4, epochs=10, batch_size=4, grad_clip=0.1,
         schedule="cosine", warmup_steps=20,
     ),
 }
@@ -115,6 +115,53 @@ def _mlp(dims: Sequence[int]) -> nn.Sequential:
         if i < len(dims) - 2:
             layers.append(nn.ReLU())
     return nn.Sequential(*layers)
+
+
+class TokenStandardizer(nn.Module):
+    """Per-channel standardisation of ``[B, C, H, W]`` tokens with running training-set statistics.
+
+    :meth:`update` merges a batch's per-channel mean and variance over images and tokens into
+    float64 buffers (count, mean, sum of squared deviations), so after one epoch they hold the
+    training set's statistics exactly; they are buffers, saved in checkpoints. Before any update
+    the map is the identity. Why: the branches then see and emit unit-scale tokens whatever the
+    backbone's channel scales are (EfficientNet-Lite0's levels are signed projections with
+    per-channel variances of 20-40 and means far from 0).
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros(channels, dtype=torch.float64))
+        self.register_buffer("m2", torch.zeros(channels, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """Merge the statistics of ``x [B, C, H, W]`` (Chan et al.'s parallel update)."""
+        flat = x.detach().transpose(0, 1).reshape(x.shape[1], -1).double()
+        n = float(flat.shape[1])
+        mean = flat.mean(dim=1)
+        m2 = (flat - mean[:, None]).pow(2).sum(dim=1)
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean += delta * (n / total)
+        self.m2 += m2 + delta.pow(2) * (self.count * n / total)
+        self.count.copy_(total)
+
+    def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fitted = self.count > 0
+        var = self.m2 / self.count.clamp_min(1.0)
+        std = torch.where(fitted, var.clamp_min(self.eps).sqrt(), torch.ones_like(var))
+        shape = (1, -1, 1, 1)
+        return self.mean.to(x.dtype).view(shape), std.to(x.dtype).view(shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats(x)
+        return (x - mean) / std
+
+    def inverse(self, z: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats(z)
+        return z * std + mean
 
 
 class MemoryMLP(nn.Module):
@@ -225,6 +272,7 @@ class DualAD(nn.Module):
         memory_temperature: float = 1.0,
         skip: bool = False,
         jitter: float = 3.2,
+        standardize: bool = False,
         score_pool: int | None = 16,
         config: dict | None = None,
     ) -> None:
@@ -240,6 +288,7 @@ class DualAD(nn.Module):
         self.jitter = float(jitter)
         self.score_pool = score_pool if score_pool is not None else max(1, round(16 * image_size / 224))
         c = sum(self.channels)
+        self.standardizer = TokenStandardizer(c) if standardize else None
         self.pos_embed = LearnedPositionEmbedding2d(self.grid, width)
         if variant == "heterogeneous":
             self.wsn: nn.Module = MemoryMLP(c, width, depth, mlp_hidden, num_slots, memory_temperature)
@@ -257,7 +306,16 @@ class DualAD(nn.Module):
         return F.avg_pool2d(x, self.pool) if self.pool > 1 else x
 
     def reconstruct(self, target: torch.Tensor, jitter: bool = False) -> torch.Tensor:
-        """Rebuild ``target [B, C, g, g]`` (optionally from a jittered copy): ``[B, C, g, g]``."""
+        """Rebuild ``target [B, C, g, g]`` (optionally from a jittered copy): ``[B, C, g, g]``.
+
+        With ``standardize`` the branches work on standardised tokens (the statistics updated
+        from ``target`` in training mode) and the output is mapped back to feature scale.
+        """
+        norm = self.standardizer
+        if norm is not None:
+            if self.training:
+                norm.update(target)
+            target = norm(target)
         x = target.permute(0, 2, 3, 1)
         if jitter and self.jitter > 0:
             std = x.flatten(1, 2).std(dim=1)[:, None, None, :]
@@ -265,7 +323,8 @@ class DualAD(nn.Module):
         pos = self.pos_embed().to(x.dtype)
         chunks, shortcut = self.wsn.encode(x, pos)
         outs = self.ndn(chunks, pos)
-        return self.wsn.decode(outs, pos, shortcut).permute(0, 3, 1, 2)
+        rec = self.wsn.decode(outs, pos, shortcut).permute(0, 3, 1, 2)
+        return rec if norm is None else norm.inverse(rec)
 
     def training_loss(self, batch: dict) -> torch.Tensor:
         """Feature MSE per level chunk, summed over levels (the input tokens jittered)."""
@@ -310,6 +369,8 @@ def _build(variant: str, name: str, preset: str, backbone: str | None, image_siz
             f"preset 'paper' pools layers 1-3 at strides 4/8/16 to a 14x14 grid; backbone must be one of "
             f"{', '.join(PAPER_BACKBONES)}, got {backbone!r} (use preset 'default' for other backbones)"
         )
+    if not isinstance(p["standardize"], bool):
+        raise ModelError(f"standardize must be True or False, got {p['standardize']!r}")
     for key in ("pool", "width", "depth", "num_heads", "ffn_dim", "mlp_hidden", "num_slots", "wide_layers"):
         _positive_int(key, p[key])
     if p["window"] is not None and _positive_int("window", p["window"]) % 2 == 0:
