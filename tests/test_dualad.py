@@ -273,12 +273,11 @@ def _demo(name, tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_demo_accuracy(name, demo_dir, capsys):
-    """10 CPU epochs of the default preset on the demo set, through ``fastuad demo``.
+    """10 CPU epochs of the default preset on the demo set, through ``fastuad demo``: the issue's bar.
 
-    The issue asks for image AUROC >= 0.85 and pixel AUROC >= 0.90; the default preset does NOT
-    reach that yet (measured 2026-11-22, seed 0: dualad 0.703 / 0.882, dualad_ho 0.694 / 0.874;
-    see the README), so this
-    guards the level it does reach: clearly above chance on images, >= 0.85 on pixels.
+    Measured 2026-11-23 on the 2-core CPU, seed 0: dualad 0.903 / 0.957, dualad_ho 0.893 / 0.948
+    (image / pixel AUROC; before the standardised tokens, T=0.1 memory addressing and batch 4:
+    0.703 / 0.882 and 0.694 / 0.874).
     """
     mean = _demo(name, demo_dir, capsys)
-    assert mean["i_auroc"] >= 0.65 and mean["p_auroc"] >= 0.85, mean
+    assert mean["i_auroc"] >= 0.85 and mean["p_auroc"] >= 0.90, mean
