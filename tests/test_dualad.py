@@ -160,7 +160,26 @@ def test_standardised_reconstruction_does_not_depend_on_the_feature_scale(tiny_i
     m.train()
     m.training_loss({"image": tiny_images})  # training updates the statistics
     assert m.standardizer.count.item() == count.item() + t.shape[0] * m.grid * m.grid
-    assert {"standardizer.count", "standardizer.mean", "standardizer.m2"} <= set(m.state_dict())
+    assert {f"standardizer.{k}" for k in ("count", "mean", "m2", "shift", "scale")} <= set(m.state_dict())
+
+
+def test_export_carries_the_fitted_statistics_in_float32(tmp_path, tiny_images):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from fastuad.export import to_onnx
+
+    torch.manual_seed(0)
+    m = create_model("dualad", image_size=64, weights="random").eval()
+    m.standardizer.update(m.target(tiny_images) * 3 + 2)
+    path = to_onnx(m, tmp_path / "m.onnx")
+    graph = onnx.load(str(path)).graph
+    assert all(init.data_type != onnx.TensorProto.DOUBLE for init in graph.initializer)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        amap, score = m(x)
+    got_map, got_score = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(got_map), amap, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(got_score), score, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -136,11 +136,13 @@ class TokenStandardizer(nn.Module):
     """Per-channel standardisation of ``[B, C, H, W]`` tokens with running training-set statistics.
 
     :meth:`update` merges a batch's per-channel mean and variance over images and tokens into
-    float64 buffers (count, mean, sum of squared deviations), so after one epoch they hold the
-    training set's statistics exactly; they are buffers, saved in checkpoints. Before any update
-    the map is the identity. Why: the branches then see and emit unit-scale tokens whatever the
-    backbone's channel scales are (EfficientNet-Lite0's levels are signed projections with
-    per-channel variances of 20-40 and means far from 0).
+    float64 accumulators (count, mean, sum of squared deviations), so after one epoch they hold
+    the training set's statistics exactly, and refreshes the float32 ``shift`` / ``scale`` that
+    :meth:`forward` and :meth:`inverse` use (the only buffers an exported graph holds). All are
+    buffers, saved in checkpoints. Before any update the map is the identity. Why: the branches
+    then see and emit unit-scale tokens whatever the backbone's channel scales are
+    (EfficientNet-Lite0's levels are signed projections with per-channel variances of 20-40 and
+    means far from 0).
     """
 
     def __init__(self, channels: int, eps: float = 1e-6) -> None:
@@ -149,11 +151,13 @@ class TokenStandardizer(nn.Module):
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))
         self.register_buffer("mean", torch.zeros(channels, dtype=torch.float64))
         self.register_buffer("m2", torch.zeros(channels, dtype=torch.float64))
+        self.register_buffer("shift", torch.zeros(1, channels, 1, 1))
+        self.register_buffer("scale", torch.ones(1, channels, 1, 1))
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         """Merge the statistics of ``x [B, C, H, W]`` (Chan et al.'s parallel update)."""
-        flat = x.detach().transpose(0, 1).reshape(x.shape[1], -1).double()
+        flat = x.detach().transpose(0, 1).reshape(x.shape[1], -1).to(self.mean.dtype)
         n = float(flat.shape[1])
         mean = flat.mean(dim=1)
         m2 = (flat - mean[:, None]).pow(2).sum(dim=1)
@@ -162,21 +166,14 @@ class TokenStandardizer(nn.Module):
         self.mean += delta * (n / total)
         self.m2 += m2 + delta.pow(2) * (self.count * n / total)
         self.count.copy_(total)
-
-    def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fitted = self.count > 0
-        var = self.m2 / self.count.clamp_min(1.0)
-        std = torch.where(fitted, var.clamp_min(self.eps).sqrt(), torch.ones_like(var))
-        shape = (1, -1, 1, 1)
-        return self.mean.to(x.dtype).view(shape), std.to(x.dtype).view(shape)
+        self.shift.copy_(self.mean.view_as(self.shift))
+        self.scale.copy_((self.m2 / self.count).clamp_min(self.eps).sqrt().view_as(self.scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean, std = self._stats(x)
-        return (x - mean) / std
+        return (x - self.shift.to(x.dtype)) / self.scale.to(x.dtype)
 
     def inverse(self, z: torch.Tensor) -> torch.Tensor:
-        mean, std = self._stats(z)
-        return z * std + mean
+        return z * self.scale.to(z.dtype) + self.shift.to(z.dtype)
 
 
 class MemoryMLP(nn.Module):
