@@ -110,16 +110,83 @@ def test_jitter_scales_with_the_per_channel_token_std():
     m.wsn.mlp_in.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
     t = m.target(torch.randn(2, 3, 64, 64))
     m.reconstruct(t, jitter=True)
-    noise = seen[0] - t.permute(0, 2, 3, 1)
-    std = t.flatten(2).std(dim=2)  # [B, C]
+    z = m.standardizer(t)  # the default preset jitters the standardised tokens
+    noise = seen[0] - z.permute(0, 2, 3, 1)
+    std = z.flatten(2).std(dim=2)  # [B, C]
     ratio = noise.flatten(1, 2).std(dim=1) / std
     assert 2.0 < ratio.median().item() < 4.5  # randn * std * 3.2 over 16 tokens
+
+
+def test_token_standardizer_holds_the_training_set_statistics():
+    from fastuad.models.dualad import TokenStandardizer
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, 4, 4) * torch.tensor([1.0, 3.0, 0.5, 10.0, 2.0]).view(1, -1, 1, 1) + 7.0
+    norm = TokenStandardizer(5)
+    torch.testing.assert_close(norm(x), x)  # identity before any statistics
+    for part in x.split([1, 3, 2]):  # merged batch by batch
+        norm.update(part)
+    flat = x.transpose(0, 1).reshape(5, -1).double()
+    assert norm.count.item() == flat.shape[1]
+    torch.testing.assert_close(norm.mean, flat.mean(1))
+    torch.testing.assert_close(norm.m2 / norm.count, flat.var(1, unbiased=False))
+    z = norm(x)
+    assert z.dtype == torch.float32
+    torch.testing.assert_close(z.transpose(0, 1).reshape(5, -1).mean(1), torch.zeros(5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.transpose(0, 1).reshape(5, -1).std(1, unbiased=False), torch.ones(5))
+    torch.testing.assert_close(norm.inverse(z), x)
+
+
+def test_standardised_reconstruction_does_not_depend_on_the_feature_scale(tiny_images):
+    from fastuad.models.dualad import TokenStandardizer
+
+    torch.manual_seed(0)
+    m = create_model("dualad", image_size=64).eval()
+    assert m.standardizer is not None and all(mem.temperature == 0.1 for mem in m.wsn.memories)
+    assert create_model("dualad", preset="paper", weights="random").standardizer is None
+    t = m.target(tiny_images)
+    a = torch.rand(1, t.shape[1], 1, 1) * 5 + 0.5
+    b = torch.randn(1, t.shape[1], 1, 1) * 3
+    with torch.no_grad():
+        m.standardizer.update(t)
+        rec = m.reconstruct(t)
+        count = m.standardizer.count.clone()
+        rec_again = m.reconstruct(t)  # eval mode: the statistics stay as they are
+        assert torch.equal(m.standardizer.count, count)
+        m.standardizer = TokenStandardizer(t.shape[1])
+        m.standardizer.update(a * t + b)
+        torch.testing.assert_close(m.reconstruct(a * t + b), a * rec + b, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(rec_again, rec)
+    m.train()
+    m.training_loss({"image": tiny_images})  # training updates the statistics
+    assert m.standardizer.count.item() == count.item() + t.shape[0] * m.grid * m.grid
+    assert {f"standardizer.{k}" for k in ("count", "mean", "m2", "shift", "scale")} <= set(m.state_dict())
+
+
+def test_export_carries_the_fitted_statistics_in_float32(tmp_path, tiny_images):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from fastuad.export import to_onnx
+
+    torch.manual_seed(0)
+    m = create_model("dualad", image_size=64, weights="random").eval()
+    m.standardizer.update(m.target(tiny_images) * 3 + 2)
+    path = to_onnx(m, tmp_path / "m.onnx")
+    graph = onnx.load(str(path)).graph
+    assert all(init.data_type != onnx.TensorProto.DOUBLE for init in graph.initializer)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        amap, score = m(x)
+    got_map, got_score = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(got_map), amap, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(got_score), score, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_checkpoint_round_trip(name, tmp_path, tiny_images):
     torch.manual_seed(0)
     m = create_model(name, image_size=64).eval()
+    m.standardizer.update(m.target(tiny_images) * 2 + 1)  # non-trivial statistics travel too
     path = save_checkpoint(tmp_path / "m.pt", m, None, epoch=1)
     again, ckpt = load_checkpoint(path)
     assert again.config == m.config and ckpt["epoch"] == 1
@@ -225,12 +292,11 @@ def _demo(name, tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_demo_accuracy(name, demo_dir, capsys):
-    """10 CPU epochs of the default preset on the demo set, through ``fastuad demo``.
+    """10 CPU epochs of the default preset on the demo set, through ``fastuad demo``: the issue's bar.
 
-    The issue asks for image AUROC >= 0.85 and pixel AUROC >= 0.90; the default preset does NOT
-    reach that yet (measured 2026-11-22, seed 0: dualad 0.703 / 0.882, dualad_ho 0.694 / 0.874;
-    see the README), so this
-    guards the level it does reach: clearly above chance on images, >= 0.85 on pixels.
+    Measured 2026-11-23 on the 2-core CPU, seed 0: dualad 0.903 / 0.957, dualad_ho 0.893 / 0.948
+    (image / pixel AUROC; before the standardised tokens, T=0.1 memory addressing and batch 4:
+    0.703 / 0.882 and 0.694 / 0.874).
     """
     mean = _demo(name, demo_dir, capsys)
-    assert mean["i_auroc"] >= 0.65 and mean["p_auroc"] >= 0.85, mean
+    assert mean["i_auroc"] >= 0.85 and mean["p_auroc"] >= 0.90, mean
