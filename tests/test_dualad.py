@@ -118,7 +118,7 @@ def test_jitter_scales_with_the_per_channel_token_std():
 
 
 def test_token_standardizer_holds_the_training_set_statistics():
-    from fastuad.models.dualad import TokenStandardizer
+    from fastuad.nn import TokenStandardizer
 
     torch.manual_seed(0)
     x = torch.randn(6, 5, 4, 4) * torch.tensor([1.0, 3.0, 0.5, 10.0, 2.0]).view(1, -1, 1, 1) + 7.0
@@ -138,7 +138,7 @@ def test_token_standardizer_holds_the_training_set_statistics():
 
 
 def test_standardised_reconstruction_does_not_depend_on_the_feature_scale(tiny_images):
-    from fastuad.models.dualad import TokenStandardizer
+    from fastuad.nn import TokenStandardizer
 
     torch.manual_seed(0)
     m = create_model("dualad", image_size=64).eval()
