@@ -182,19 +182,36 @@ def test_paper_preset_matches_the_authors_parameter_count():
     assert model.config["preset"] == "paper"
 
 
+def test_default_student_is_linear_and_its_memory_correction_is_bounded(fitted, train_loader):
+    """Default preset: linear level outputs (Lite0's levels are signed) and ``teacher + tanh(fusion)``.
+
+    The OT term rewards an ever sharper softmax of the fusion output as much as a flat one; an
+    unbounded residual let the fusion output reach ~1e8 and wrecked the student (seed 2).
+    """
+    x = _batch(train_loader)["image"][:2]
+    with torch.no_grad():
+        teacher = fitted.encoder(x)
+        huge = [1e8 * torch.ones_like(t) for t in teacher]
+        got = fitted._student(teacher, huge)
+        want = fitted.decoder(fitted.bottleneck([t + 1 for t in teacher]))
+        relu = create_model("dmgrd", image_size=SIZE, linear_out=False).eval().decoder(fitted.bottleneck(teacher))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    assert all((g < 0).any() for g in got) and all((r >= 0).all() for r in relu)
+
+
 @pytest.mark.slow
 def test_demo_accuracy_after_10_cpu_epochs(tmp_path):
-    """The default preset, 10 epochs on the demo set at 128 px, as a regression guard.
+    """The default preset, 10 epochs on the demo set at 128 px: issue 10's bar, image AUROC >= 0.85 and pixel >= 0.90.
 
-    Issue 10 asks for image AUROC >= 0.85 and pixel AUROC >= 0.90. The development branch reached
-    85.2 / 95.6; with the engine's final batch order (shuffling through the distributed sampler,
-    same seed) the same run gives 82.8 / 89.1, so the bar is not met and the issue stays open.
-    This guards what is reached.
+    Measured on a 2-core CPU (2026-11-23): seeds 0 / 1 / 2 give 92.5 / 97.4, 89.5 / 96.7 and
+    91.6 / 97.1 (before the linear outputs and the bounded correction: 82.8 / 89.1 at seed 0,
+    and seed 2 stuck at a loss of 4.6).
     """
     root = make_demo_dataset(tmp_path / "demo", seed=0, image_size=128)
     result = train(TrainConfig(model="dmgrd", dataset="mvtec", data_root=str(root), out=str(tmp_path / "run"), image_size=128, progress=False))
     mean = result["metrics"]["mean"]
-    assert mean["i_auroc"] >= 0.80 and mean["p_auroc"] >= 0.87, mean
+    assert mean["i_auroc"] >= 0.85 and mean["p_auroc"] >= 0.90, mean
 
 
 def test_sinkhorn_divergence_is_zero_on_equal_clouds_and_the_squared_shift_over_two_otherwise():
