@@ -34,3 +34,35 @@ def float_dtypes_for_triton() -> list[torch.dtype]:
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none")
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (model tests: steadier timings on a shared 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+RD_SIZE = 64  # the tiny reverse-distillation sets: 64 px, three classes (two textures, an object)
+RD_CLASSES = ("brick", "coffee", "grass")
+
+
+@pytest.fixture(scope="session")
+def rd_tiny_root(tmp_path_factory):
+    """A tiny demo set in MVTec AD layout shared by the DM-GRD and MDD-Net tests."""
+    from fastuad.data.demo import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("rd_tiny") / "data"
+    return make_demo_dataset(root, image_size=RD_SIZE, n_train=4, n_test_good=2, n_test_per_defect=1, classes=RD_CLASSES)
+
+
+@pytest.fixture(scope="session")
+def rd_train_loader(rd_tiny_root):
+    """Its training split, unshuffled, in batches of 6."""
+    from torch.utils.data import DataLoader
+
+    from fastuad.data import build_dataset
+
+    return DataLoader(build_dataset("mvtec", rd_tiny_root, "train", image_size=RD_SIZE), batch_size=6, shuffle=False)

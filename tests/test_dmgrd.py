@@ -12,36 +12,18 @@ from fastuad.data.demo import make_demo_dataset
 from fastuad.engine import TrainConfig, load_checkpoint, save_checkpoint, train
 from fastuad.models import ModelError, create_model
 from fastuad.ops import cosine_distance_map_reference
+from conftest import RD_CLASSES, RD_SIZE
 
-SIZE = 64
-CLASSES = ("brick", "coffee", "grass")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+SIZE, CLASSES = RD_SIZE, RD_CLASSES
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dmgrd") / "data"
-    return make_demo_dataset(root, image_size=SIZE, n_train=4, n_test_good=2, n_test_per_defect=1, classes=CLASSES)
-
-
-@pytest.fixture(scope="module")
-def train_loader(tiny_root):
-    return DataLoader(build_dataset("mvtec", tiny_root, "train", image_size=SIZE), batch_size=6, shuffle=False)
-
-
-@pytest.fixture(scope="module")
-def fitted(train_loader):
+def fitted(rd_train_loader):
     torch.manual_seed(0)
     model = create_model("dmgrd", image_size=SIZE, memory_items=2).eval()
     with torch.no_grad():
-        model.fit_memory(train_loader, epoch=0, progress=False)
+        model.fit_memory(rd_train_loader, epoch=0, progress=False)
     return model
 
 
@@ -57,8 +39,8 @@ def test_fit_memory_fills_per_class_memories(fitted):
     assert not torch.allclose(fitted.normal_memory.maps_0, fitted.abnormal_memory.maps_0)
 
 
-def test_eval_map_is_summed_cosine_distance_with_sigma_4_and_score_is_top100_mean(fitted, train_loader):
-    x = _batch(train_loader)["image"][:2]
+def test_eval_map_is_summed_cosine_distance_with_sigma_4_and_score_is_top100_mean(fitted, rd_train_loader):
+    x = _batch(rd_train_loader)["image"][:2]
     with torch.no_grad():
         amap, score = fitted(x)
         teacher, student, cls = fitted.features(x)
@@ -68,8 +50,8 @@ def test_eval_map_is_summed_cosine_distance_with_sigma_4_and_score_is_top100_mea
     torch.testing.assert_close(score, amap.flatten(1).topk(100, dim=1).values.mean(1))
 
 
-def test_best_match_is_the_highest_pooled_cosine_within_the_class(fitted, train_loader):
-    batch = _batch(train_loader)
+def test_best_match_is_the_highest_pooled_cosine_within_the_class(fitted, rd_train_loader):
+    batch = _batch(rd_train_loader)
     with torch.no_grad():
         keys = fastuad.nn.pooled_keys(fitted.encoder(batch["image"]))
     item = fitted.normal_memory.match(keys, batch["class_index"])
@@ -78,14 +60,14 @@ def test_best_match_is_the_highest_pooled_cosine_within_the_class(fitted, train_
     assert torch.equal(item, want)
 
 
-def test_class_inference_is_right_on_the_test_images(fitted, tiny_root):
-    test = build_dataset("mvtec", tiny_root, "test", image_size=SIZE)
+def test_class_inference_is_right_on_the_test_images(fitted, rd_tiny_root):
+    test = build_dataset("mvtec", rd_tiny_root, "test", image_size=SIZE)
     batch = next(iter(DataLoader(test, batch_size=len(test))))
     assert torch.equal(fitted.infer_class(batch["image"]), batch["class_index"])
 
 
-def test_every_cosine_memory_read_and_search_goes_through_the_fused_ops(fitted, train_loader):
-    batch = _batch(train_loader)
+def test_every_cosine_memory_read_and_search_goes_through_the_fused_ops(fitted, rd_train_loader):
+    batch = _batch(rd_train_loader)
     with fastuad.ops.trace() as calls:
         with torch.no_grad():
             fitted(batch["image"][:2])
@@ -100,14 +82,14 @@ def test_every_cosine_memory_read_and_search_goes_through_the_fused_ops(fitted, 
     assert ops.count("memory_read") == 2 and "cosine_distance" in ops and "knn" not in ops  # training uses the true class
 
 
-def test_every_loss_term_has_a_gradient(train_loader):
+def test_every_loss_term_has_a_gradient(rd_train_loader):
     torch.manual_seed(0)
     # margin -1 keeps the contrast hinge active (at the paper's 0.5 it is 0 once the two paths differ enough)
     model = create_model("dmgrd", image_size=SIZE, memory_items=2, contrast_margin=-1.0).eval()
     with torch.no_grad():
-        model.fit_memory(train_loader)
+        model.fit_memory(rd_train_loader)
     model.train()
-    batch = _batch(train_loader)  # six images, two classes: OT has pairs of one class
+    batch = _batch(rd_train_loader)  # six images, two classes: OT has pairs of one class
     terms = model.loss_terms(batch)
     assert set(terms) == {"distill", "ot", "contrast", "triplet"}
     params = [p for p in model.parameters() if p.requires_grad]
@@ -119,13 +101,13 @@ def test_every_loss_term_has_a_gradient(train_loader):
     assert (model.contrast_margin, model.triplet_margin) == (-1.0, 1.0)
 
 
-def test_loss_falls_on_a_tiny_set(train_loader):
+def test_loss_falls_on_a_tiny_set(rd_train_loader):
     torch.manual_seed(0)
     model = create_model("dmgrd", image_size=SIZE, memory_items=2, pseudo_ratio=0.0).eval()
     with torch.no_grad():
-        model.fit_memory(train_loader)
+        model.fit_memory(rd_train_loader)
     model.train()
-    batch = _batch(train_loader)
+    batch = _batch(rd_train_loader)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-3, betas=(0.5, 0.999))
     losses, distill = [], []
     for _ in range(10):
@@ -141,11 +123,11 @@ def test_loss_falls_on_a_tiny_set(train_loader):
     assert all(p.grad is None for p in model.encoder.parameters())
 
 
-def test_memories_survive_a_checkpoint_with_identical_maps(fitted, train_loader, tmp_path):
+def test_memories_survive_a_checkpoint_with_identical_maps(fitted, rd_train_loader, tmp_path):
     path = save_checkpoint(tmp_path / "m.pt", fitted, None, 1)
     again, _ = load_checkpoint(path)
     assert again.normal_memory.num_classes == 3 and again.abnormal_memory.num_items == 2
-    x = _batch(train_loader)["image"][:3]
+    x = _batch(rd_train_loader)["image"][:3]
     with torch.no_grad():
         a, s = fitted(x)
         b, t = again(x)
@@ -153,7 +135,7 @@ def test_memories_survive_a_checkpoint_with_identical_maps(fitted, train_loader,
     torch.testing.assert_close(s, t)
 
 
-def test_bad_input_names_the_cause(fitted, train_loader):
+def test_bad_input_names_the_cause(fitted, rd_train_loader):
     empty = create_model("dmgrd", image_size=SIZE).eval()
     x = torch.randn(1, 3, SIZE, SIZE)
     with pytest.raises(ModelError, match="memories are empty: call model.fit_memory"):
@@ -182,13 +164,13 @@ def test_paper_preset_matches_the_authors_parameter_count():
     assert model.config["preset"] == "paper"
 
 
-def test_default_student_is_linear_and_its_memory_correction_is_bounded(fitted, train_loader):
+def test_default_student_is_linear_and_its_memory_correction_is_bounded(fitted, rd_train_loader):
     """Default preset: linear level outputs (Lite0's levels are signed) and ``teacher + tanh(fusion)``.
 
     The OT term rewards an ever sharper softmax of the fusion output as much as a flat one; an
     unbounded residual let the fusion output reach ~1e8 and wrecked the student (seed 2).
     """
-    x = _batch(train_loader)["image"][:2]
+    x = _batch(rd_train_loader)["image"][:2]
     with torch.no_grad():
         teacher = fitted.encoder(x)
         huge = [1e8 * torch.ones_like(t) for t in teacher]

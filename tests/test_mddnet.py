@@ -11,36 +11,18 @@ from fastuad.data.demo import make_demo_dataset
 from fastuad.engine import TrainConfig, load_checkpoint, save_checkpoint, train
 from fastuad.models import ModelError, create_model
 from fastuad.ops import cosine_distance_map_reference
+from conftest import RD_CLASSES, RD_SIZE
 
-SIZE = 64
-CLASSES = ("brick", "coffee", "grass")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+SIZE, CLASSES = RD_SIZE, RD_CLASSES
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mddnet") / "data"
-    return make_demo_dataset(root, image_size=SIZE, n_train=4, n_test_good=2, n_test_per_defect=1, classes=CLASSES)
-
-
-@pytest.fixture(scope="module")
-def train_loader(tiny_root):
-    return DataLoader(build_dataset("mvtec", tiny_root, "train", image_size=SIZE), batch_size=6, shuffle=False)
-
-
-@pytest.fixture(scope="module")
-def fitted(train_loader):
+def fitted(rd_train_loader):
     torch.manual_seed(0)
     model = create_model("mddnet", image_size=SIZE, class_items=2).eval()
     with torch.no_grad():
-        model.fit_memory(train_loader, epoch=0, progress=False)
+        model.fit_memory(rd_train_loader, epoch=0, progress=False)
     return model
 
 
@@ -48,8 +30,8 @@ def _batch(loader):
     return next(iter(loader))
 
 
-def test_shapes_and_the_map_adds_encoder_decoder_and_decoder_decoder_discrepancies(fitted, train_loader):
-    x = _batch(train_loader)["image"][:2]
+def test_shapes_and_the_map_adds_encoder_decoder_and_decoder_decoder_discrepancies(fitted, rd_train_loader):
+    x = _batch(rd_train_loader)["image"][:2]
     with torch.no_grad():
         amap, score = fitted(x)
         teacher = fitted.encoder(x)
@@ -65,15 +47,15 @@ def test_shapes_and_the_map_adds_encoder_decoder_and_decoder_decoder_discrepanci
     assert not torch.allclose(other[-1], fitted.decode(teacher, torch.tensor([0, 0]))[0][-1])
 
 
-def test_class_inference_is_right_on_the_test_images(fitted, tiny_root):
+def test_class_inference_is_right_on_the_test_images(fitted, rd_tiny_root):
     assert fitted.class_keys.num_classes == len(CLASSES) and fitted.class_keys.num_items == 2
-    test = build_dataset("mvtec", tiny_root, "test", image_size=SIZE)
+    test = build_dataset("mvtec", rd_tiny_root, "test", image_size=SIZE)
     batch = next(iter(DataLoader(test, batch_size=len(test))))
     assert torch.equal(fitted.infer_class(batch["image"]), batch["class_index"])
 
 
-def test_every_cosine_memory_read_and_search_goes_through_the_fused_ops(fitted, train_loader):
-    batch = _batch(train_loader)
+def test_every_cosine_memory_read_and_search_goes_through_the_fused_ops(fitted, rd_train_loader):
+    batch = _batch(rd_train_loader)
     with fastuad.ops.trace() as calls:
         with torch.no_grad():
             fitted(batch["image"][:2])
@@ -89,10 +71,10 @@ def test_every_cosine_memory_read_and_search_goes_through_the_fused_ops(fitted, 
     assert ops.count("memory_read") == 1 and ops.count("cosine_distance") == 9 and "knn" not in ops  # 3 terms x 3 levels
 
 
-def test_every_loss_term_has_a_gradient_and_the_mask_term_sees_the_synthetic_anomaly(train_loader):
+def test_every_loss_term_has_a_gradient_and_the_mask_term_sees_the_synthetic_anomaly(rd_train_loader):
     torch.manual_seed(0)
     model = create_model("mddnet", image_size=SIZE).train()
-    batch = _batch(train_loader)
+    batch = _batch(rd_train_loader)
     terms = model.loss_terms(batch)
     assert set(terms) == {"restoration", "identity", "mask"}
     params = dict((n, p) for n, p in model.named_parameters() if p.requires_grad)
@@ -110,10 +92,10 @@ def test_every_loss_term_has_a_gradient_and_the_mask_term_sees_the_synthetic_ano
     assert t["mask"].item() > 0  # the decoders disagree at first; the L1 pulls that to 0
 
 
-def test_loss_falls_on_a_tiny_set(train_loader):
+def test_loss_falls_on_a_tiny_set(rd_train_loader):
     torch.manual_seed(0)
     model = create_model("mddnet", image_size=SIZE, pseudo_ratio=0.0).train()
-    batch = _batch(train_loader)
+    batch = _batch(rd_train_loader)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-3, betas=(0.5, 0.999))
     losses = []
     for _ in range(10):
@@ -126,11 +108,11 @@ def test_loss_falls_on_a_tiny_set(train_loader):
     assert all(p.grad is None for p in model.encoder.parameters())
 
 
-def test_class_keys_survive_a_checkpoint_with_identical_maps(fitted, train_loader, tmp_path):
+def test_class_keys_survive_a_checkpoint_with_identical_maps(fitted, rd_train_loader, tmp_path):
     path = save_checkpoint(tmp_path / "m.pt", fitted, None, 1)
     again, _ = load_checkpoint(path)
     assert again.class_keys.num_classes == 3
-    x = _batch(train_loader)["image"][:3]
+    x = _batch(rd_train_loader)["image"][:3]
     with torch.no_grad():
         a, s = fitted(x)
         b, t = again(x)
