@@ -453,6 +453,10 @@ class MemreadBlocks(NamedTuple):
     num_stages: int
     max_registers: int | None = None
 
+    def launch_options(self) -> dict[str, int]:
+        """Extra Triton launch options: the register ceiling when one is set."""
+        return {} if self.max_registers is None else {"maxnreg": self.max_registers}
+
 
 def memread_blocks(dim: int, dtype: torch.dtype, gpu: bool | None = None) -> MemreadBlocks:
     """The tiles of the three kernels for feature width ``dim``.
@@ -506,7 +510,7 @@ class _Plan:
         blocks = memread_blocks(self.dim, query.dtype)
         self.block_n, self.block_m, self.block_d, self.block_k, self.warps, self.stages = blocks[:6]
         # ptxas trades registers for occupancy unless told a ceiling, and then spills a few bytes
-        self.launch_options = {} if blocks.max_registers is None else {"maxnreg": blocks.max_registers}
+        self.launch_options = blocks.launch_options()
         self.chunks = cdiv(self.dim, self.block_d)
         self.classed = memory.dim() == 3
         self.acc = acc_dtype(query.dtype)
@@ -709,7 +713,7 @@ def compile_targets() -> list[CompileTarget]:
         for dtype in wl.dtypes:
             blocks = memread_blocks(wl.dim, dtype, gpu=True)
             block_n, block_m, block_d, block_k, warps, stages = blocks[:6]
-            options = {} if blocks.max_registers is None else {"maxnreg": blocks.max_registers}
+            options = blocks.launch_options()
             classed = wl.classes is not None
             el = "*" + _TRITON_TYPES[dtype]
             idx = "*i64" if classed else "*fp32"  # unclassed launches pass the norms as unused pointers
