@@ -48,12 +48,17 @@ def _resize(img: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC))
 
 
-def _texture_crop(photo: np.ndarray, rng: np.random.Generator, size: int, test: bool) -> np.ndarray:
-    h, w = photo.shape[:2]
+def _texture_crop(
+    photo: np.ndarray, rng: np.random.Generator, size: int, test: bool, region: tuple[int, int, int, int] | None = None
+) -> np.ndarray:
+    """A random square crop (30% of the shorter side of ``region``, ``(y0, x0, h, w)``, default
+    the whole photograph), flipped at random, resized to ``size``: train crops from the left
+    ``_TRAIN_FRACTION`` of the region's width, test crops from the rest."""
+    y0, x0, h, w = (0, 0, *photo.shape[:2]) if region is None else region
     crop = int(min(h, w) * 0.3)
     split = int(w * _TRAIN_FRACTION)
-    y = int(rng.integers(0, h - crop + 1))
-    x = int(rng.integers(split, w - crop + 1)) if test else int(rng.integers(0, split - crop + 1))
+    y = y0 + int(rng.integers(0, h - crop + 1))
+    x = x0 + (int(rng.integers(split, w - crop + 1)) if test else int(rng.integers(0, split - crop + 1)))
     out = photo[y : y + crop, x : x + crop]
     if rng.random() < 0.5:
         out = out[:, ::-1]

@@ -33,7 +33,7 @@ from typing import Callable
 
 import numpy as np
 
-from fastuad.data.demo import _object_view, _resize, write_mvtec_set
+from fastuad.data.demo import _object_view, _resize, _texture_crop, write_mvtec_set
 from fastuad.data.synthesis import perlin_mask
 
 __all__ = ["HELDOUT_CLASSES", "HELDOUT_DEFECTS", "make_heldout_dataset"]
@@ -42,7 +42,6 @@ TEXTURES = ("ihc", "moon", "retina")
 OBJECTS = ("cell", "flower")
 HELDOUT_CLASSES = tuple(sorted(TEXTURES + OBJECTS))
 HELDOUT_DEFECTS = ("crack", "patch", "stain")
-_TRAIN_FRACTION = 0.65  # texture train crops lie left of this fraction of the usable width, test crops right of it
 _MIN_CHANGE = 20.0  # mean absolute change (grey levels) a defect must make over its mask
 _VERSION = 1
 
@@ -78,20 +77,6 @@ def _texture_region(name: str, photo: np.ndarray) -> tuple[int, int, int, int]:
         side = int(min(h, w) * 0.45 * np.sqrt(2))
         return (h - side) // 2, (w - side) // 2, side, side
     return 0, 0, h, w
-
-
-def _texture_crop(photo: np.ndarray, region: tuple[int, int, int, int], rng: np.random.Generator, size: int, test: bool) -> np.ndarray:
-    y0, x0, h, w = region
-    crop = int(min(h, w) * 0.3)
-    split = int(w * _TRAIN_FRACTION)
-    y = y0 + int(rng.integers(0, h - crop + 1))
-    x = x0 + (int(rng.integers(split, w - crop + 1)) if test else int(rng.integers(0, split - crop + 1)))
-    out = photo[y : y + crop, x : x + crop]
-    if rng.random() < 0.5:
-        out = out[:, ::-1]
-    if rng.random() < 0.5:
-        out = out[::-1]
-    return _resize(np.ascontiguousarray(out), size)
 
 
 def _is_grey(img: np.ndarray) -> bool:
@@ -205,7 +190,7 @@ def make_heldout_dataset(
             donors = [_grey3(d.mean(axis=2).astype(np.uint8)) for d in donors]
         if name in TEXTURES:
             region = _texture_region(name, photo)
-            view = lambda test: _texture_crop(photo, region, rng, image_size, test)  # noqa: E731
+            view = lambda test: _texture_crop(photo, rng, image_size, test, region)  # noqa: E731
         else:
             view = lambda test: _object_view(photo, rng, image_size)  # noqa: E731
         return view, lambda img, kind: _draw_defect(img, kind, rng, donors)
