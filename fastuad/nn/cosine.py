@@ -55,6 +55,12 @@ class CosineDistanceMap(nn.Module):
         return f"out_size={self.out_size}, reduction={self.reduction!r}, blur_sigma={self.blur_sigma}, backend={self.backend!r}"
 
 
+def check_level_lists(feats_a: Sequence[torch.Tensor], feats_b: Sequence[torch.Tensor]) -> None:
+    """Two per-level feature lists to compare: non-empty and of equal length."""
+    if len(feats_a) != len(feats_b) or len(feats_a) == 0:
+        raise ValueError(f"feats_a and feats_b must be non-empty lists of equal length, got {len(feats_a)} and {len(feats_b)}")
+
+
 class CosineDistanceLoss(nn.Module):
     """Reverse-distillation loss: mean over pixels of ``1 - cos`` per scale, summed over scales."""
 
@@ -65,6 +71,5 @@ class CosineDistanceLoss(nn.Module):
         self.backend = backend
 
     def forward(self, feats_a: Sequence[torch.Tensor], feats_b: Sequence[torch.Tensor]) -> torch.Tensor:
-        if len(feats_a) != len(feats_b) or len(feats_a) == 0:
-            raise ValueError(f"feats_a and feats_b must be non-empty lists of equal length, got {len(feats_a)} and {len(feats_b)}")
+        check_level_lists(feats_a, feats_b)
         return sum(cosine_distance(a, b, eps=self.eps, backend=self.backend).mean() for a, b in zip(feats_a, feats_b))

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastuad.nn.cosine import check_level_lists
 from fastuad.ops._dispatch import check_backend_name
 from fastuad.ops._validate import check_positive_float
 from fastuad.ops.cosdist import cosine_distance
@@ -24,8 +25,7 @@ __all__ = ["MSECosineLoss", "MSECosineMap"]
 
 
 def _check_pairs(feats_a: Sequence[torch.Tensor], feats_b: Sequence[torch.Tensor]) -> None:
-    if len(feats_a) != len(feats_b) or len(feats_a) == 0:
-        raise ValueError(f"feats_a and feats_b must be non-empty lists of equal length, got {len(feats_a)} and {len(feats_b)}")
+    check_level_lists(feats_a, feats_b)
     for i, (a, b) in enumerate(zip(feats_a, feats_b)):
         if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.dim() != 4 or a.shape != b.shape:
             sa = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
