@@ -147,6 +147,48 @@ def test_real_compile_in_a_process_without_the_interpreter(tmp_path):
     assert "_cos_finalize_kernel" in proc.stdout and "sm_90" in proc.stdout
 
 
+def test_compile_targets_per_arch_contract():
+    """A module whose ``compile_targets`` takes ``arch`` is planned per architecture; the others
+    (no parameter) give the same launches for every architecture."""
+    from fastuad.ops import compile_check
+    from fastuad.ops.knn_search import knn_config
+
+    assert compile_check._takes_arch(fastuad.ops.knn_search.compile_targets)
+    assert compile_check._takes_arch(fastuad.ops.local_attn.compile_targets)
+    assert not compile_check._takes_arch(fastuad.ops.memory.compile_targets)
+    knn80 = collect_targets(["fastuad.ops.knn_search"], arch=80)
+    knn90 = collect_targets(["fastuad.ops.knn_search"], arch=90)
+    assert [p.config for p in knn90] == [p.config for p in collect_targets(["fastuad.ops.knn_search"])]
+    cfg80 = knn_config(1, 1536, torch.float32, gpu=True, arch=80)
+    hot80 = next(p for p in knn80 if p.hot and p.config.startswith("fp32 KP=1 "))
+    assert f"x{cfg80.block_d} w{cfg80.num_warps}" in hot80.config and hot80.num_warps == cfg80.num_warps
+    assert {p.config for p in knn80} != {p.config for p in knn90}
+    # Each plan's index points into that architecture's target list.
+    t80 = compile_check._module_targets(hot80.module, 80)[hot80.index]
+    assert t80.config == hot80.config and t80.constexprs["BLOCK_D"] == cfg80.block_d
+    mem = ["fastuad.ops.memory"]
+    assert [(p.config, p.index) for p in collect_targets(mem, arch=80)] == [(p.config, p.index) for p in collect_targets(mem, arch=90)]
+
+
+@needs_triton
+def test_sm80_knn_hot_launch_compiles_without_a_stack_frame(tmp_path):
+    """knn's first hot sm_8x launch (fp16, k=1: 8 B of stack with the sm_90 tiles on sm_80),
+    compiled by the real compiler for sm_80: no stack frame."""
+    out = tmp_path / "rows.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastuad.ops.compile_check", "--arch", "80", "--module", "knn_search",
+         "--limit", "1", "--jobs", "1", "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (row,) = json.loads(out.read_text())
+    assert row["arch"] == 80 and row["hot"] and row["error"] is None
+    assert row["config"] == "fp16 KP=1 64x64x64 w8 s2" and row["stack_bytes"] == 0
+    assert "1 configurations for sm_80" in proc.stdout
+
+
 def test_under_the_interpreter_it_reruns_itself_without_it(monkeypatch):
     from fastuad.ops import compile_check
 

@@ -3,8 +3,11 @@
 Every op module with Triton kernels defines ``compile_targets() -> list[CompileTarget]``, built
 from its launchers' own heuristics (the same functions that choose tiles, warps and stages for a
 real GPU call), for the DESIGN.md benchmark workloads (``hot=True``) and the shapes the models
-use. :mod:`fastuad.ops.compile_check` compiles each one with the real Triton compiler for a GPU
-architecture and reports registers, spills and shared memory. Nothing here needs a GPU.
+use. A module whose launchers pick per architecture defines ``compile_targets(arch: int | None
+= None)`` instead (``arch`` = compute capability ``major * 10 + minor``, None = sm_90) and lists
+that GPU's launches. :mod:`fastuad.ops.compile_check` compiles each one with the real Triton
+compiler for a GPU architecture and reports registers, spills and shared memory. Nothing here
+needs a GPU.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ def next_power_of_2(n: int) -> int:
 
 
 _FORCE_GPU_TILES = False
+_FORCE_ARCH: int | None = None
 
 
 def interpreter_tiles() -> bool:
@@ -38,15 +39,49 @@ def interpreter_tiles() -> bool:
 
 
 @contextlib.contextmanager
-def gpu_tiles() -> Iterator[None]:
+def gpu_tiles(arch: int | None = None) -> Iterator[None]:
     """Inside the block, launchers choose their GPU launch configuration (tiles, warps, stages)
-    even under the interpreter: tests use it to check the numbers of the code path a GPU runs."""
-    global _FORCE_GPU_TILES
-    saved, _FORCE_GPU_TILES = _FORCE_GPU_TILES, True
+    even under the interpreter: tests use it to check the numbers of the code path a GPU runs.
+
+    ``arch`` (compute capability as ``major * 10 + minor``, e.g. 80) makes :func:`launch_arch`
+    answer it, so the launchers pick that architecture's configuration; ``None`` keeps the
+    enclosing choice (a CUDA tensor's own device, sm_90's tiles off a GPU).
+    """
+    global _FORCE_GPU_TILES, _FORCE_ARCH
+    saved = _FORCE_GPU_TILES, _FORCE_ARCH
+    _FORCE_GPU_TILES = True
+    if arch is not None:
+        _FORCE_ARCH = arch
     try:
         yield
     finally:
-        _FORCE_GPU_TILES = saved
+        _FORCE_GPU_TILES, _FORCE_ARCH = saved
+
+
+def launch_arch(device: torch.device) -> int | None:
+    """The architecture a launcher picks tiles for, as ``major * 10 + minor`` (80 for an A100).
+
+    The ``arch`` of an active :func:`gpu_tiles` block; else a CUDA device's compute capability;
+    else None, which every tile heuristic reads as sm_90 (the GPU the tiles were first chosen for).
+    """
+    if _FORCE_ARCH is not None:
+        return _FORCE_ARCH
+    if device.type != "cuda":
+        return None
+    major, minor = _capability(device)
+    return 10 * major + minor
+
+
+def sm8x_tiles(arch: int | None) -> bool:
+    """Whether ``arch`` gets the sm_8x launch tiles: a known architecture below sm_90 (A100's
+    sm_80, sm_86, sm_89). sm_90 and newer, and None, keep the sm_90 tiles."""
+    return arch is not None and arch < 90
+
+
+def arch_capability(arch: int | None) -> tuple[int, int] | None:
+    """``arch`` (``major * 10 + minor``) as the ``(major, minor)`` pair of
+    :func:`dot_precision_for`; None (no GPU named) stands for sm_90."""
+    return (9, 0) if arch is None else divmod(arch, 10)
 
 
 @functools.lru_cache(maxsize=8)

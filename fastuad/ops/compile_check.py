@@ -3,8 +3,10 @@
 ``python -m fastuad.ops.compile_check [--arch 80,90] [--json OUT]`` imports every module of
 ``fastuad.ops``, collects the :class:`~fastuad.ops._compile.CompileTarget` list of each module
 that defines ``compile_targets()`` (the launch configurations its launchers choose on a GPU, for
-the DESIGN.md workloads and the models' shapes), compiles each distinct one with the real Triton
-compiler for each architecture, and reads registers, stack frame (spills) and shared memory from
+the DESIGN.md workloads and the models' shapes; a module whose launchers pick per architecture
+takes ``compile_targets(arch)``, ``arch`` as ``major * 10 + minor``, and lists that GPU's
+launches), compiles each distinct one with the real Triton compiler for each architecture, and
+reads registers, stack frame (spills) and shared memory from
 the cubin with ``cuobjdump --dump-resource-usage`` (shipped with Triton). It prints one row per
 kernel launch configuration and architecture:
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import inspect
 import json
 import os
 import pkgutil
@@ -78,11 +81,23 @@ def _op_modules() -> list[str]:
     return sorted(names)
 
 
+def _takes_arch(fn) -> bool:
+    """Whether a ``compile_targets`` lists per-architecture launches (has an ``arch`` parameter)."""
+    try:
+        return "arch" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 @functools.lru_cache(maxsize=None)
-def _module_targets(module: str) -> tuple:
+def _module_targets(module: str, arch: int | None = None) -> tuple:
+    """``module.compile_targets(arch)``, or ``compile_targets()`` where the module's launches do
+    not depend on the architecture (its signature has no ``arch``)."""
     mod = importlib.import_module(module)
     fn = getattr(mod, "compile_targets", None)
-    return tuple(fn()) if callable(fn) else ()
+    if not callable(fn):
+        return ()
+    return tuple(fn(arch) if arch is not None and _takes_arch(fn) else fn())
 
 
 def _key(t) -> tuple:
@@ -98,15 +113,18 @@ def _key(t) -> tuple:
     )
 
 
-def collect_targets(modules: Sequence[str] | None = None, kernel: str | None = None) -> list[Planned]:
-    """Distinct launch configurations of every op module's ``compile_targets()``.
+def collect_targets(
+    modules: Sequence[str] | None = None, kernel: str | None = None, arch: int | None = None
+) -> list[Planned]:
+    """Distinct launch configurations of every op module's ``compile_targets()`` on ``arch``
+    (None: each module's default, sm_90).
 
     Targets equal in kernel, signature, constexprs, warps, stages and options compile to the
     same binary: they become one entry listing all their workloads, hot if any of them is.
     """
     planned: dict[tuple, Planned] = {}
     for module in modules or _op_modules():
-        for i, t in enumerate(_module_targets(module)):
+        for i, t in enumerate(_module_targets(module, arch)):
             if kernel and kernel not in t.name:
                 continue
             key = _key(t)
@@ -171,7 +189,7 @@ def compile_target(module: str, index: int, arch: int) -> dict[str, Any]:
     from triton.backends.compiler import GPUTarget  # noqa: PLC0415
     from triton.compiler import ASTSource  # noqa: PLC0415
 
-    t = _module_targets(module)[index]
+    t = _module_targets(module, arch)[index]
     fn = t.kernel
     # What Triton's JIT specialises a real launch on: the arguments that are multiples of 16.
     names = list(fn.arg_names)
@@ -303,19 +321,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if _interpreting() or TRITON_INTERPRET:
         return _reexec_without_interpreter(argv)
     try:
-        import triton  # noqa: F401,PLC0415
+        importlib.import_module("triton")  # present and importable; the compiles import it themselves
     except ImportError:
         print("compile_check: triton is not installed", file=sys.stderr)
         return 2
     modules = [m if m.startswith("fastuad.") else f"fastuad.ops.{m}" for m in args.module] if args.module else None
     t0 = time.perf_counter()
-    planned = collect_targets(modules, args.kernel)
+    planned = {arch: collect_targets(modules, args.kernel, arch) for arch in args.arch}
     if args.limit is not None:
-        planned = planned[: args.limit]
-    if not planned:
+        planned = {arch: p[: args.limit] for arch, p in planned.items()}
+    if not any(planned.values()):
         print("compile_check: no compile targets matched", file=sys.stderr)
         return 2
-    jobs_list = [(p, arch) for arch in args.arch for p in planned]
+    jobs_list = [(p, arch) for arch in args.arch for p in planned[arch]]
     with tempfile.TemporaryDirectory(prefix="fastuad-compile-check-") as cache:
         work = [(p.module, p.index, arch, cache) for p, arch in jobs_list]
         if args.jobs > 1 and len(work) > 2:
@@ -348,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     spills = [r for r in rows if (r["stack_bytes"] or 0) > 0]
     total = sum(r["compile_s"] for r in rows)
     print(
-        f"\n{len(rows)} compiles ({len(planned)} configurations x {len(args.arch)} archs), "
+        f"\n{len(rows)} compiles ({', '.join(f'{len(p)} configurations for sm_{a}' for a, p in planned.items())}), "
         f"{sum(r['hot'] for r in rows)} hot; {len(spills)} with a stack frame "
         f"({sum(r['hot'] for r in spills)} hot); compile {total:.1f} s, wall {time.perf_counter() - t0:.1f} s"
     )

@@ -36,7 +36,16 @@ from fastuad.ops._dispatch import (
     standard_backends,
 )
 from fastuad.ops._compile import CompileTarget, signature
-from fastuad.ops._launch import cdiv, dot_precision, dot_precision_for, interpreter_tiles, next_power_of_2
+from fastuad.ops._launch import (
+    arch_capability,
+    cdiv,
+    dot_precision,
+    dot_precision_for,
+    interpreter_tiles,
+    launch_arch,
+    next_power_of_2,
+    sm8x_tiles,
+)
 from fastuad.ops._validate import check_tensor, out_dtype
 
 if HAS_TRITON:
@@ -262,20 +271,37 @@ class KnnConfig:
     num_stages: int
 
 
-def knn_config(k: int, dim: int, dtype: torch.dtype, gpu: bool | None = None) -> KnnConfig:
-    """The launch configuration for ``k`` neighbours of ``dim``-wide ``dtype`` rows.
+def knn_config(k: int, dim: int, dtype: torch.dtype, gpu: bool | None = None, arch: int | None = None) -> KnnConfig:
+    """The launch configuration for ``k`` neighbours of ``dim``-wide ``dtype`` rows on ``arch``.
 
     ``gpu=None`` follows the process (the interpreter's small tiles under ``TRITON_INTERPRET``
     unless :func:`fastuad.ops._launch.gpu_tiles` is active); ``True`` is what a GPU launch uses.
-    Tiles are powers of two and ``BLOCK_M >= KP``.
+    ``arch`` is the GPU's compute capability as ``major * 10 + minor``
+    (:func:`fastuad.ops._launch.launch_arch`); None means sm_90. Tiles are powers of two and
+    ``BLOCK_M >= KP``.
+
+    sm_90 (and None): 64×64 tiles, 4 warps (8 from ``KP > 16``), ``BLOCK_D`` 64 for 16-bit inputs
+    and 32 for float32, whose 3xTF32 products hold each operand as two halves (a 64-wide D step
+    spilled there). sm_8x (A100 and consumer Ampere/Ada): with those launches ptxas spilled
+    8-16 B on sm_80 (Triton 3.8), so 16-bit inputs take 8 warps (96-128 registers) and float32 a
+    16-wide D step (4 warps, 8 from ``KP > 16``; 168-254 registers): 0 stack bytes for every
+    ``k`` up to 64.
+    These sm_8x tiles were chosen for zero spills by the compile check
+    (``python -m fastuad.ops.compile_check --arch 80 --module knn_search``), not tuned for speed
+    on an A100 (none was available).
     """
     kp = next_power_of_2(k)
     if gpu is None:
         gpu = not interpreter_tiles()
     if not gpu:
         return KnnConfig(kp, 16, max(16, kp), 16, 4, 2)
+    width = max(16, next_power_of_2(dim))
+    if sm8x_tiles(arch):
+        if dtype == torch.float32:
+            return KnnConfig(kp, 64, max(64, kp), 16, 4 if kp <= 16 else 8, 2)
+        return KnnConfig(kp, 64, max(64, kp), min(64, width), 8, 2)
     # fp32 runs 3xTF32 products (each operand split in two): a 64-wide D step spills there.
-    block_d = min(32 if dtype == torch.float32 else 64, max(16, next_power_of_2(dim)))
+    block_d = min(32 if dtype == torch.float32 else 64, width)
     return KnnConfig(kp, 64, max(64, kp), block_d, 4 if kp <= 16 else 8, 2)
 
 
@@ -300,7 +326,7 @@ def knn_triton(
     index = torch.empty((n, k), device=query.device, dtype=torch.int64)
     if n == 0:
         return dist, index
-    cfg = knn_config(k, dim, query.dtype)
+    cfg = knn_config(k, dim, query.dtype, arch=launch_arch(query.device))
     query = _unit_inner_stride(query, cfg.block_n)
     bank = _unit_inner_stride(bank, cfg.block_m)
     q_sq = bank_sq_norms(query)
@@ -330,9 +356,9 @@ _KNN_WORKLOADS = (
 )
 
 
-def _gpu_dot_precision(dtype: torch.dtype) -> str:
-    """What ``dot_precision`` gives a CUDA sm_80+ launch of ``dtype`` inputs."""
-    return dot_precision_for(dtype, (9, 0))
+def _gpu_dot_precision(dtype: torch.dtype, arch: int | None = None) -> str:
+    """What ``dot_precision`` gives a CUDA launch of ``dtype`` inputs on ``arch`` (None: sm_90)."""
+    return dot_precision_for(dtype, arch_capability(arch))
 
 
 def _aligned(types: dict[str, str], dim: int) -> tuple[str, ...]:
@@ -342,15 +368,16 @@ def _aligned(types: dict[str, str], dim: int) -> tuple[str, ...]:
     return tuple(names + (["D", "sq_n", "sb_m"] if dim % 16 == 0 else []))
 
 
-def compile_targets() -> list[CompileTarget]:
-    """Every GPU launch configuration of :func:`_knn_kernel` for the benchmark and model shapes."""
+def compile_targets(arch: int | None = None) -> list[CompileTarget]:
+    """Every launch configuration of :func:`_knn_kernel` on a GPU of ``arch`` (``major * 10 +
+    minor``; None: sm_90) for the benchmark and model shapes."""
     targets: dict[tuple, CompileTarget] = {}
     for workload, dim, ks, dtypes, hot in _KNN_WORKLOADS:
         for dtype in dtypes:
             for k in ks:
-                cfg = knn_config(k, dim, dtype, gpu=True)
+                cfg = knn_config(k, dim, dtype, gpu=True, arch=arch)
                 consts = dict(
-                    DOT_PRECISION=_gpu_dot_precision(dtype),
+                    DOT_PRECISION=_gpu_dot_precision(dtype, arch),
                     KP=cfg.kp, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d,
                 )
                 key = (dtype, tuple(consts.items()), cfg.num_warps, cfg.num_stages)

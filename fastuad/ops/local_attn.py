@@ -48,7 +48,16 @@ import torch.nn.functional as F
 from fastuad.ops._dispatch import HAS_TRITON, is_exporting, select_backend, standard_backends
 from fastuad.ops._validate import check_positive_float, check_tensor, out_dtype
 from fastuad.ops._compile import CompileTarget, signature
-from fastuad.ops._launch import cdiv, dot_precision, dot_precision_for, interpreter_tiles, next_power_of_2
+from fastuad.ops._launch import (
+    arch_capability,
+    cdiv,
+    dot_precision,
+    dot_precision_for,
+    interpreter_tiles,
+    launch_arch,
+    next_power_of_2,
+    sm8x_tiles,
+)
 
 if HAS_TRITON:
     import triton
@@ -507,20 +516,31 @@ ATTN_KERNELS = ("fwd", "dq", "dkv")
 
 
 def attention_blocks(
-    dtype: torch.dtype, head_dim: int, gpu: bool | None = None, kernel: str = "fwd"
+    dtype: torch.dtype, head_dim: int, gpu: bool | None = None, kernel: str = "fwd", arch: int | None = None
 ) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for ``kernel`` in ``"fwd"``, ``"dq"``, ``"dkv"``.
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for ``kernel`` in ``"fwd"``, ``"dq"``, ``"dkv"``
+    on a GPU of ``arch`` (compute capability as ``major * 10 + minor``, see
+    :func:`fastuad.ops._launch.launch_arch`; None means sm_90).
 
-    Not tuned on a GPU yet (no sweep on file): 64×64 tiles, the FlashAttention-2 tutorial's
-    choice for head dims up to 64 (the Triton limit, MAX_HEAD_DIM); 16×16 for float64 (its
-    products are broadcast-and-sum in registers). float32 products use 3xTF32, which holds each
-    operand as two tf32 halves: at 64×64 all three kernels spilled on sm_90 (up to 704 B), so
-    float32 takes 64×32 tiles (forward, dQ: 64 queries against 32-key tiles) and 16×64 with
-    8 warps for dK/dV (64 keys against 16-query tiles), which compile without a stack frame at
-    d=32 (``python -m fastuad.ops.compile_check --module local_attn``). The interpreter gets
-    16×16 so that small test grids still span several tiles. ``gpu=None`` follows the process
-    (interpreter tiles unless :func:`fastuad.ops._launch.gpu_tiles` is active); ``True`` is what
-    a GPU launch uses.
+    Not tuned on a GPU yet (no sweep on file). sm_90 (and None): 64×64 tiles, the
+    FlashAttention-2 tutorial's choice for head dims up to 64 (the Triton limit, MAX_HEAD_DIM);
+    16×16 for float64 (its products are broadcast-and-sum in registers). float32 products use
+    3xTF32, which holds each operand as two tf32 halves: at 64×64 all three kernels spilled on
+    sm_90 (up to 704 B), so float32 takes 64×32 tiles (forward, dQ: 64 queries against 32-key
+    tiles) and 16×64 with 8 warps for dK/dV (64 keys against 16-query tiles), which compile
+    without a stack frame at d=32 (``python -m fastuad.ops.compile_check --module local_attn``).
+
+    sm_8x (A100, consumer Ampere/Ada): the sm_90 launches spilled on sm_80 (Triton 3.8: 16-bit
+    dK/dV 16 B, float32 dK/dV 16 B, float32 dQ 144-352 B), so there 16-bit inputs keep 64×64
+    tiles with 8 warps for all three kernels, and float32 takes 64×32 with 8 warps (forward),
+    16×32 with 8 warps (dQ: 16 queries against 32-key tiles) and 16×16 with 4 warps (dK/dV):
+    0 stack bytes at d=32 (at d=64 some still spill, less than with the sm_90 tiles). These sm_8x tiles were
+    chosen for zero spills by the compile check (``--arch 80``), not tuned for speed on an A100
+    (none was available).
+
+    The interpreter gets 16×16 so that small test grids still span several tiles. ``gpu=None``
+    follows the process (interpreter tiles unless :func:`fastuad.ops._launch.gpu_tiles` is
+    active); ``True`` is what a GPU launch uses.
     """
     if kernel not in ATTN_KERNELS:
         raise ValueError(f"kernel must be one of {ATTN_KERNELS}, got {kernel!r}")
@@ -528,6 +548,10 @@ def attention_blocks(
         gpu = not interpreter_tiles()
     if not gpu or dtype == torch.float64:
         return 16, 16, 4, 1
+    if sm8x_tiles(arch):
+        if dtype == torch.float32:
+            return {"fwd": (64, 32, 8, 2), "dq": (16, 32, 8, 2), "dkv": (16, 16, 4, 2)}[kernel]
+        return 64, 64, 8, 2
     if dtype == torch.float32:
         return (16, 64, 8, 2) if kernel == "dkv" else (64, 32, 4, 2)
     return 64, 64, 4, 2
@@ -535,7 +559,7 @@ def attention_blocks(
 
 def _launch_meta(q: torch.Tensor, mode: str, blocks: tuple[int, int] | None, kernel: str = "fwd") -> dict:
     B, H, W, NH, D = q.shape
-    block_m, block_n, warps, stages = attention_blocks(q.dtype, D, kernel=kernel)
+    block_m, block_n, warps, stages = attention_blocks(q.dtype, D, kernel=kernel, arch=launch_arch(q.device))
     if blocks is not None:
         block_m, block_n = blocks
     # One rule for every op (fastuad.ops._launch.dot_precision_for); float64 does not use tl.dot.
@@ -633,14 +657,16 @@ _ATTN_WORKLOADS = (
 )
 
 
-def _gpu_precision(dtype: torch.dtype) -> str:
-    """The launcher's precision rule on a CUDA sm_80+ GPU: 3xTF32 for fp32, none for 16-bit."""
-    return dot_precision_for(dtype, (9, 0))
+def _gpu_precision(dtype: torch.dtype, arch: int | None = None) -> str:
+    """The launcher's precision rule on a CUDA GPU of ``arch`` (None: sm_90): 3xTF32 for fp32
+    from sm_80 on, none for 16-bit."""
+    return dot_precision_for(dtype, arch_capability(arch))
 
 
-def compile_targets() -> list[CompileTarget]:
-    """Forward, dQ and dK/dV kernels at every GPU launch configuration of the benchmark and the
-    models' shapes (the kernels take the batch-1 broadcast as a runtime stride / loop count)."""
+def compile_targets(arch: int | None = None) -> list[CompileTarget]:
+    """Forward, dQ and dK/dV kernels at every launch configuration on a GPU of ``arch``
+    (``major * 10 + minor``; None: sm_90) for the benchmark and the models' shapes (the kernels
+    take the batch-1 broadcast as a runtime stride / loop count)."""
     targets: dict[tuple, CompileTarget] = {}
     for workload, (h, w), d, modes, dtypes, hot in _ATTN_WORKLOADS:
         for dtype in dtypes:
@@ -661,8 +687,8 @@ def compile_targets() -> list[CompileTarget]:
             )
             for mode in modes:
                 for kernel, role, label, types in kernels:
-                    block_m, block_n, warps, stages = attention_blocks(dtype, d, gpu=True, kernel=role)
-                    consts = dict(MODE=MODE_IDS[mode], FP64=False, PRECISION=_gpu_precision(dtype),
+                    block_m, block_n, warps, stages = attention_blocks(dtype, d, gpu=True, kernel=role, arch=arch)
+                    consts = dict(MODE=MODE_IDS[mode], FP64=False, PRECISION=_gpu_precision(dtype, arch),
                                   BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
                     aligned = tuple(n for n, t in types.items() if t.startswith("*")) + aligned_ints
                     key = (label, dtype, mode, block_m, block_n, block_d, warps, stages, aligned)
