@@ -40,3 +40,40 @@ def test_loss_module_sums_scale_means_and_trains():
     torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)
     loss.backward()
     assert all(b.grad is not None and b.grad.abs().sum() > 0 for b in fb)
+
+
+def test_hard_mining_loss_weights_easy_pixels_and_their_gradient():
+    fa, fb = _features(TRITON_DEVICE)
+    fb = [b.requires_grad_() for b in fb]
+    loss = CosineDistanceLoss(backend="triton", hard_quantile=0.75, easy_weight=0.1)(fa, fb)
+    expected, easy_masks = 0.0, []
+    for a, b in zip(fa, fb):
+        d = cosine_distance_reference(a, b.detach())
+        flat = d.flatten().sort().values
+        threshold = flat[int(torch.tensor(0.75 * flat.numel()).ceil()) - 1]  # lower 75% quantile
+        w = torch.where(d >= threshold, 1.0, 0.1)
+        easy_masks.append(d < threshold)
+        expected = expected + (cosine_distance_reference(a, b) * w).sum() / w.sum()
+        assert 0.2 <= float((d >= threshold).float().mean()) <= 0.3  # about a quarter of the pixels is hard
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)
+    # The gradient of an easy pixel is 0.1 times what the same pixel gets with weight 1.
+    loss.backward()
+    grads = [b.grad.clone() for b in fb]
+    for b in fb:
+        b.grad = None
+    (sum((cosine_distance_reference(a, b) * 1.0).sum() / (torch.where(e, 0.1, 1.0).sum()) for a, b, e in zip(fa, fb, easy_masks))).backward()
+    for g, b, e in zip(grads, fb, easy_masks):
+        easy = e[:, None].expand_as(g)
+        torch.testing.assert_close(g[easy], 0.1 * b.grad[easy], atol=1e-7, rtol=1e-4)
+        torch.testing.assert_close(g[~easy], b.grad[~easy], atol=1e-7, rtol=1e-4)
+    plain = CosineDistanceLoss(backend="triton", hard_quantile=None)(fa, fb)
+    torch.testing.assert_close(plain, sum(cosine_distance_reference(a, b).mean() for a, b in zip(fa, fb)), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"hard_quantile": 1.0}, "hard_quantile"), ({"hard_quantile": 0}, "hard_quantile"), ({"hard_quantile": True}, "hard_quantile"),
+    ({"hard_quantile": 0.9, "easy_weight": 1.5}, "easy_weight"), ({"easy_weight": -0.1}, "easy_weight"),
+])
+def test_hard_mining_loss_rejects_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CosineDistanceLoss(**kwargs)

@@ -1,5 +1,7 @@
 """RD4AD and the model registry."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -52,14 +54,28 @@ def test_eval_forward_returns_map_and_max_score_from_the_reference_definition(mo
     torch.testing.assert_close(score, amap.flatten(1).amax(1))
 
 
-def test_loss_is_summed_mean_cosine_distance_and_training_only_touches_the_student():
+def _hard_weighted_mean(d: torch.Tensor, q: float = 0.9, easy: float = 0.1) -> torch.Tensor:
+    """The default loss of one level, written out: pixels below the lower q-quantile weigh ``easy``."""
+    flat = d.detach().flatten().sort().values
+    threshold = flat[math.ceil(q * flat.numel()) - 1]
+    w = torch.where(d.detach() >= threshold, 1.0, easy)
+    return (d * w).sum() / w.sum()
+
+
+def test_loss_is_summed_hard_mined_cosine_distance_and_training_only_touches_the_student():
     torch.manual_seed(0)
     m = create_model("rd4ad", image_size=64).train()
     x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     teacher, student = m.features(x)
-    want = sum((1 - F.cosine_similarity(t, s, dim=1)).mean() for t, s in zip(teacher, student))
+    dists = [1 - F.cosine_similarity(t, s, dim=1) for t, s in zip(teacher, student)]
+    want = sum(_hard_weighted_mean(d) for d in dists)
     loss = m.training_loss({"image": x})
     torch.testing.assert_close(loss, want)
+    assert not torch.isclose(loss, sum(d.mean() for d in dists))  # not the plain mean
+    plain = create_model("rd4ad", image_size=64, hard_quantile=None).train()
+    plain.load_state_dict(m.state_dict())
+    t2, s2 = plain.features(x)
+    torch.testing.assert_close(plain.training_loss({"image": x}), sum((1 - F.cosine_similarity(t, s, dim=1)).mean() for t, s in zip(t2, s2)))
     enc_state = {k: v.clone() for k, v in m.encoder.state_dict().items()}
     opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=5e-3, betas=(0.5, 0.999))
     first = loss.item()
@@ -78,7 +94,8 @@ def test_config_rebuilds_the_same_architecture(model):
     cfg = dict(model.config)
     assert cfg == {
         "name": "rd4ad", "backbone": "efficientnet_lite0", "image_size": 64, "layers": [1, 2, 3],
-        "feature_location": "bottleneck", "linear_out": True, "preset": "default",
+        "feature_location": "bottleneck", "linear_out": True, "hard_quantile": 0.9, "easy_weight": 0.1,
+        "preset": "default",
     }
     again = create_model(cfg.pop("name"), **cfg)
     assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
@@ -102,6 +119,8 @@ def test_default_student_trains_past_the_floor_of_a_relu_decoder(tmp_path):
     """Lite0's levels are signed; a decoder ending in ReLU cannot get below 1 - |t+|/|t| per level.
 
     The default (linear outputs) must train well past that floor on a few real images (64 px).
+    The floor bounds the plain mean distance, so the loss here is the plain mean
+    (``hard_quantile=None``; the default's hard-point weighting is tested above).
     """
     from fastuad.data import build_dataset
     from fastuad.data.demo import make_demo_dataset
@@ -110,7 +129,7 @@ def test_default_student_trains_past_the_floor_of_a_relu_decoder(tmp_path):
     ds = build_dataset("mvtec", root, "train", image_size=64)
     x = torch.stack([ds[i]["image"] for i in range(len(ds))])
     torch.manual_seed(0)
-    m = create_model("rd4ad", image_size=64).train()
+    m = create_model("rd4ad", image_size=64, hard_quantile=None).train()
     teacher = m.encoder(x)
     relu_floor = sum(float((1 - F.cosine_similarity(t, t.clamp(min=0), dim=1)).mean()) for t in teacher)
     assert all((t < 0).float().mean() > 0.3 for t in teacher)  # signed levels

@@ -152,6 +152,8 @@ class RD4AD(nn.Module):
         decoder_blocks: int = 1,
         decoder_width: int = 4,
         linear_out: bool = True,
+        hard_quantile: float | None = 0.9,
+        easy_weight: float = 0.1,
         config: dict | None = None,
     ) -> None:
         super().__init__()
@@ -164,7 +166,7 @@ class RD4AD(nn.Module):
         chans, reds = encoder.channels, encoder.reductions
         self.bottleneck = OCBE(chans, reds, embed_dim, fuse_dim, bottleneck_blocks, bottleneck_stride)
         self.decoder = MirroredDecoder(chans, reds, embed_dim, bottleneck_stride, decoder_blocks, decoder_width, linear_out)
-        self.loss_fn = CosineDistanceLoss()
+        self.loss_fn = CosineDistanceLoss(hard_quantile=hard_quantile, easy_weight=easy_weight)
         self.map_head = CosineDistanceMap(out_size=image_size, reduction="sum", blur_sigma=4)
         self.config = dict(config or {})
 
@@ -176,7 +178,7 @@ class RD4AD(nn.Module):
         return teacher, student
 
     def training_loss(self, batch: dict) -> torch.Tensor:
-        """Sum over levels of the mean ``1 - cos`` between teacher and student features."""
+        """Sum over levels of the (hard-point weighted) mean ``1 - cos`` between teacher and student."""
         teacher, student = self.features(batch["image"])
         return self.loss_fn(teacher, student)
 
@@ -198,16 +200,22 @@ def rd4ad(
     layers: Sequence[int] = (1, 2, 3),
     feature_location: str = "bottleneck",
     linear_out: bool = True,
+    hard_quantile: float | None = 0.9,
+    easy_weight: float = 0.1,
     **overrides,
 ) -> RD4AD:
     """RD4AD on a frozen timm encoder (default EfficientNet-Lite0, ImageNet weights, strides 4/8/16).
 
     ``feature_location``: where the encoder is tapped (see :func:`fastuad.backbones.create_backbone`).
     ``linear_out``: the decoder's level outputs are linear (signed encoder levels, the Lite0
-    default) or end in a ReLU (post-ReLU levels such as ResNet's). Both are recorded in the
-    config, so a checkpoint rebuilds the same model whatever the defaults become.
+    default) or end in a ReLU (post-ReLU levels such as ResNet's). ``hard_quantile`` /
+    ``easy_weight``: the loss's hard-point mining (:class:`fastuad.nn.CosineDistanceLoss`;
+    ``hard_quantile=None`` is the paper's plain mean). All are recorded in the config, so a
+    checkpoint rebuilds the same model whatever the defaults become.
     """
     encoder = create_backbone(backbone, out_indices=tuple(layers), weights=weights, feature_location=feature_location)
     config = {"name": "rd4ad", "backbone": backbone, "image_size": image_size, "layers": [int(i) for i in layers],
-              "feature_location": feature_location, "linear_out": bool(linear_out), **overrides}
-    return RD4AD(encoder, image_size=image_size, linear_out=bool(linear_out), config=config, **overrides)
+              "feature_location": feature_location, "linear_out": bool(linear_out),
+              "hard_quantile": hard_quantile, "easy_weight": easy_weight, **overrides}
+    return RD4AD(encoder, image_size=image_size, linear_out=bool(linear_out), hard_quantile=hard_quantile,
+                 easy_weight=easy_weight, config=config, **overrides)
