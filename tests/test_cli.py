@@ -78,12 +78,13 @@ def test_cuda_asked_without_gpu(tiny_root, tmp_path, capsys):
 
 
 def test_demo_reaches_the_issue_accuracy(tmp_path, capsys):
-    """RD4AD on EfficientNet-Lite0, 10 epochs on CPU at 128 px (measured 0.873 / 0.974): image AUROC >= 0.80, pixel AUROC >= 0.95."""
+    """RD4AD on EfficientNet-Lite0, 10 epochs on CPU at 128 px (measured 0.955 / 0.976 with the hard-point
+    mining loss; 0.860 / 0.970 with the plain mean): image AUROC >= 0.90, pixel AUROC >= 0.97."""
     assert main(["demo", "--out", str(tmp_path), "--no-progress", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert sorted(metrics["per_class"]) == ["brick", "chelsea", "coffee", "grass", "gravel"]
-    assert metrics["mean"]["i_auroc"] >= 0.80 and metrics["mean"]["p_auroc"] >= 0.95, metrics["mean"]
+    assert metrics["mean"]["i_auroc"] >= 0.90 and metrics["mean"]["p_auroc"] >= 0.97, metrics["mean"]
     assert "epoch 10/10" in out and "i_auroc" in out
     assert len(list((tmp_path / "heatmaps").glob("*_heatmap.png"))) == 20
 
