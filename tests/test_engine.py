@@ -52,7 +52,8 @@ def test_resumed_training_equals_an_uninterrupted_run(tiny_root, tmp_path):
     assert a["epoch"] == b["epoch"] == 2
     assert a["config"] == {
         "name": "rd4ad", "backbone": "efficientnet_lite0", "image_size": 64, "layers": [1, 2, 3],
-        "feature_location": "bottleneck", "linear_out": True, "preset": "default",
+        "feature_location": "bottleneck", "linear_out": True, "hard_quantile": 0.9, "easy_weight": 0.1,
+        "preset": "default",
     }
     assert not any(k.startswith("encoder.") for k in a["model"])  # rebuilt from the packaged weights
     for k, v in a["model"].items():
