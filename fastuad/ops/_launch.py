@@ -78,11 +78,6 @@ def sm8x_tiles(arch: int | None) -> bool:
     return arch is not None and arch < 90
 
 
-def arch_capability(arch: int | None) -> tuple[int, int] | None:
-    """``arch`` (``major * 10 + minor``) as the ``(major, minor)`` pair of
-    :func:`dot_precision_for`; None (no GPU named) stands for sm_90."""
-    return (9, 0) if arch is None else divmod(arch, 10)
-
 
 @functools.lru_cache(maxsize=8)
 def num_sms(device: torch.device) -> int:
@@ -120,6 +115,12 @@ def dot_precision_for(dtype: torch.dtype, capability: tuple[int, int] | None) ->
     if capability is None or dtype != torch.float32:
         return "ieee"
     return "tf32x3" if capability >= (8, 0) else "ieee"
+
+
+def gpu_dot_precision(dtype: torch.dtype, arch: int | None = None) -> str:
+    """:func:`dot_precision_for` ``dtype`` operands on a GPU of ``arch`` (``major * 10 + minor``;
+    None stands for sm_90): what a launch there gets, for the ops' ``compile_targets``."""
+    return dot_precision_for(dtype, (9, 0) if arch is None else divmod(arch, 10))
 
 
 def dot_precision(device: torch.device, dtype: torch.dtype) -> str:

@@ -37,10 +37,9 @@ from fastuad.ops._dispatch import (
 )
 from fastuad.ops._compile import CompileTarget, signature
 from fastuad.ops._launch import (
-    arch_capability,
     cdiv,
     dot_precision,
-    dot_precision_for,
+    gpu_dot_precision,
     interpreter_tiles,
     launch_arch,
     next_power_of_2,
@@ -356,11 +355,6 @@ _KNN_WORKLOADS = (
 )
 
 
-def _gpu_dot_precision(dtype: torch.dtype, arch: int | None = None) -> str:
-    """What ``dot_precision`` gives a CUDA launch of ``dtype`` inputs on ``arch`` (None: sm_90)."""
-    return dot_precision_for(dtype, arch_capability(arch))
-
-
 def _aligned(types: dict[str, str], dim: int) -> tuple[str, ...]:
     """Arguments a launch on fresh contiguous tensors sees as multiples of 16: every pointer,
     and the row strides and ``D`` when ``D`` is (all the workloads' ``D`` are)."""
@@ -377,7 +371,7 @@ def compile_targets(arch: int | None = None) -> list[CompileTarget]:
             for k in ks:
                 cfg = knn_config(k, dim, dtype, gpu=True, arch=arch)
                 consts = dict(
-                    DOT_PRECISION=_gpu_dot_precision(dtype, arch),
+                    DOT_PRECISION=gpu_dot_precision(dtype, arch),
                     KP=cfg.kp, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d,
                 )
                 key = (dtype, tuple(consts.items()), cfg.num_warps, cfg.num_stages)

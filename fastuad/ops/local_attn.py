@@ -49,10 +49,9 @@ from fastuad.ops._dispatch import HAS_TRITON, is_exporting, select_backend, stan
 from fastuad.ops._validate import check_positive_float, check_tensor, out_dtype
 from fastuad.ops._compile import CompileTarget, signature
 from fastuad.ops._launch import (
-    arch_capability,
     cdiv,
     dot_precision,
-    dot_precision_for,
+    gpu_dot_precision,
     interpreter_tiles,
     launch_arch,
     next_power_of_2,
@@ -657,12 +656,6 @@ _ATTN_WORKLOADS = (
 )
 
 
-def _gpu_precision(dtype: torch.dtype, arch: int | None = None) -> str:
-    """The launcher's precision rule on a CUDA GPU of ``arch`` (None: sm_90): 3xTF32 for fp32
-    from sm_80 on, none for 16-bit."""
-    return dot_precision_for(dtype, arch_capability(arch))
-
-
 def compile_targets(arch: int | None = None) -> list[CompileTarget]:
     """Forward, dQ and dK/dV kernels at every launch configuration on a GPU of ``arch``
     (``major * 10 + minor``; None: sm_90) for the benchmark and the models' shapes (the kernels
@@ -688,7 +681,7 @@ def compile_targets(arch: int | None = None) -> list[CompileTarget]:
             for mode in modes:
                 for kernel, role, label, types in kernels:
                     block_m, block_n, warps, stages = attention_blocks(dtype, d, gpu=True, kernel=role, arch=arch)
-                    consts = dict(MODE=MODE_IDS[mode], FP64=False, PRECISION=_gpu_precision(dtype, arch),
+                    consts = dict(MODE=MODE_IDS[mode], FP64=False, PRECISION=gpu_dot_precision(dtype, arch),
                                   BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
                     aligned = tuple(n for n, t in types.items() if t.startswith("*")) + aligned_ints
                     key = (label, dtype, mode, block_m, block_n, block_d, warps, stages, aligned)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from fastuad.ops._dispatch import HAS_TRITON, select_backend, standard_backends
 from fastuad.ops._compile import CompileTarget, signature
-from fastuad.ops._launch import acc_dtype, cdiv, dot_precision, dot_precision_for, interpreter_tiles, next_power_of_2, num_sms
+from fastuad.ops._launch import acc_dtype, cdiv, dot_precision, gpu_dot_precision, interpreter_tiles, next_power_of_2, num_sms
 from fastuad.ops._validate import check_positive_float, check_tensor, out_dtype
 
 if HAS_TRITON:
@@ -681,12 +681,6 @@ _MEMREAD_WORKLOADS = (
 )
 
 
-def _gpu_dot_precision(dtype: torch.dtype) -> str:
-    """What the launcher's precision rule gives a CUDA sm_80+ launch: the products have fp32
-    operands (the kernels upcast) whatever the input dtype, as in :class:`_Plan`."""
-    return dot_precision_for(torch.float32, (9, 0))
-
-
 def compile_targets() -> list[CompileTarget]:
     """The forward, query-gradient and memory-gradient kernels at every GPU launch configuration
     of the benchmark and model workloads (cosine addressing, shrinkage λ = 1/M)."""
@@ -720,8 +714,8 @@ def compile_targets() -> list[CompileTarget]:
             ints = {n: "i32" for n in ("N", "M", "D", "sq_n", "sm_k", "sm_m")}
             floats = {"inv_t": "fp32", "lam": "fp32"}
             common = dict(COSINE=True, SHRINK=True, CLASSED=classed, ACC=tl.float32,
-                          DOT_PRECISION=_gpu_dot_precision(dtype), BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
-                          BLOCK_K=block_k)
+                          DOT_PRECISION=gpu_dot_precision(torch.float32),  # fp32 operands (the kernels upcast), as in _Plan
+                          BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_K=block_k)
             tiles = f"{_TRITON_TYPES[dtype]} {block_n}x{block_m}x{block_d}/{block_k} w{warps} s{stages}" + (f" r{blocks.max_registers}" if blocks.max_registers else "")
             flags = ("classed " if classed else "")
             fwd_types = dict(q_ptr=el, m_ptr=el, minv_ptr="*fp32", blk_ptr=idx, rows_ptr=idx, out_ptr="*fp32",
