@@ -4,6 +4,7 @@
 top of the first conftest pytest loads.
 """
 
+import math
 import os
 
 import torch
@@ -66,3 +67,10 @@ def rd_train_loader(rd_tiny_root):
     from fastuad.data import build_dataset
 
     return DataLoader(build_dataset("mvtec", rd_tiny_root, "train", image_size=RD_SIZE), batch_size=6, shuffle=False)
+
+
+def hard_mining_easy_mask(dist: torch.Tensor, quantile: float) -> torch.Tensor:
+    """Reference for ``CosineDistanceLoss(hard_quantile=...)``: the pixels below the lower
+    ``quantile`` of ``dist`` (the ``ceil(quantile * n)``-th smallest value), written out with a sort."""
+    flat = dist.detach().flatten().sort().values
+    return dist.detach() < flat[math.ceil(quantile * flat.numel()) - 1]

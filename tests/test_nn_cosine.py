@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import TRITON_DEVICE
+from conftest import TRITON_DEVICE, hard_mining_easy_mask
 from fastuad.nn import CosineDistanceLoss, CosineDistanceMap
 from fastuad.ops import cosine_distance_map_reference, cosine_distance_reference
 
@@ -48,20 +48,18 @@ def test_hard_mining_loss_weights_easy_pixels_and_their_gradient():
     loss = CosineDistanceLoss(backend="triton", hard_quantile=0.75, easy_weight=0.1)(fa, fb)
     expected, easy_masks = 0.0, []
     for a, b in zip(fa, fb):
-        d = cosine_distance_reference(a, b.detach())
-        flat = d.flatten().sort().values
-        threshold = flat[int(torch.tensor(0.75 * flat.numel()).ceil()) - 1]  # lower 75% quantile
-        w = torch.where(d >= threshold, 1.0, 0.1)
-        easy_masks.append(d < threshold)
+        easy = hard_mining_easy_mask(cosine_distance_reference(a, b.detach()), 0.75)
+        w = torch.where(easy, 0.1, 1.0)
+        easy_masks.append(easy)
         expected = expected + (cosine_distance_reference(a, b) * w).sum() / w.sum()
-        assert 0.2 <= float((d >= threshold).float().mean()) <= 0.3  # about a quarter of the pixels is hard
+        assert 0.2 <= float((~easy).float().mean()) <= 0.3  # about a quarter of the pixels is hard
     torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)
     # The gradient of an easy pixel is 0.1 times what the same pixel gets with weight 1.
     loss.backward()
     grads = [b.grad.clone() for b in fb]
     for b in fb:
         b.grad = None
-    (sum((cosine_distance_reference(a, b) * 1.0).sum() / (torch.where(e, 0.1, 1.0).sum()) for a, b, e in zip(fa, fb, easy_masks))).backward()
+    sum(cosine_distance_reference(a, b).sum() / torch.where(e, 0.1, 1.0).sum() for a, b, e in zip(fa, fb, easy_masks)).backward()
     for g, b, e in zip(grads, fb, easy_masks):
         easy = e[:, None].expand_as(g)
         torch.testing.assert_close(g[easy], 0.1 * b.grad[easy], atol=1e-7, rtol=1e-4)

@@ -1,13 +1,12 @@
 """RD4AD and the model registry."""
 
-import math
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
+from conftest import hard_mining_easy_mask
 import fastuad
 from fastuad.models import ModelError, create_model, list_models, register_model
 
@@ -56,9 +55,7 @@ def test_eval_forward_returns_map_and_max_score_from_the_reference_definition(mo
 
 def _hard_weighted_mean(d: torch.Tensor, q: float = 0.9, easy: float = 0.1) -> torch.Tensor:
     """The default loss of one level, written out: pixels below the lower q-quantile weigh ``easy``."""
-    flat = d.detach().flatten().sort().values
-    threshold = flat[math.ceil(q * flat.numel()) - 1]
-    w = torch.where(d.detach() >= threshold, 1.0, easy)
+    w = torch.where(hard_mining_easy_mask(d, q), easy, 1.0)
     return (d * w).sum() / w.sum()
 
 
