@@ -30,7 +30,7 @@ def _batch(loader):
     return next(iter(loader))
 
 
-def test_shapes_and_the_map_adds_encoder_decoder_and_decoder_decoder_discrepancies(fitted, rd_train_loader):
+def test_shapes_and_the_map_adds_encoder_decoder_and_weighted_decoder_decoder_discrepancies(fitted, rd_train_loader):
     x = _batch(rd_train_loader)["image"][:2]
     with torch.no_grad():
         amap, score = fitted(x)
@@ -39,9 +39,16 @@ def test_shapes_and_the_map_adds_encoder_decoder_and_decoder_decoder_discrepanci
     assert amap.shape == (2, 1, SIZE, SIZE) and score.shape == (2,)
     assert [r.shape for r in restored] == [i.shape for i in identity] == [t.shape for t in teacher]
     kw = dict(out_size=(SIZE, SIZE), reduction="sum", blur_sigma=4)
-    ref = cosine_distance_map_reference(teacher, restored, **kw) + cosine_distance_map_reference(restored, identity, **kw)
-    torch.testing.assert_close(amap, ref, atol=1e-4, rtol=1e-4)
+    ed, dd = cosine_distance_map_reference(teacher, restored, **kw), cosine_distance_map_reference(restored, identity, **kw)
+    assert fitted.dd_weight == fitted.config["dd_weight"] == 0.5  # the default preset's weight, recorded
+    torch.testing.assert_close(amap, ed + 0.5 * dd, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(score, amap.flatten(1).amax(1))
+    fitted.dd_weight = 1.0  # the paper preset's equal weights
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(fitted(x)[0], ed + dd, atol=1e-4, rtol=1e-4)
+    finally:
+        fitted.dd_weight = 0.5
     # the memory banks are per class: another class gives another restoration
     other = fitted.decode(teacher, torch.tensor([2, 2]))[0]
     assert not torch.allclose(other[-1], fitted.decode(teacher, torch.tensor([0, 0]))[0][-1])
@@ -131,6 +138,15 @@ def test_bad_input_names_the_cause(fitted):
         fitted.training_loss({"image": x, "class_index": torch.tensor([-1])})
     with pytest.raises(ModelError, match="model 'mddnet' has no preset 'huge'; allowed presets: default, paper"):
         create_model("mddnet", preset="huge")
+    with pytest.raises(ModelError, match="dd_weight must be a number >= 0, got -1"):
+        create_model("mddnet", image_size=SIZE, dd_weight=-1)
+
+
+def test_paper_preset_weighs_both_maps_equally_and_its_config_rebuilds_it():
+    paper = create_model("mddnet", preset="paper", weights="random")
+    assert paper.dd_weight == paper.config["dd_weight"] == 1.0 and paper.encoder.channels == [256, 512, 1024]
+    cfg = dict(create_model("mddnet", image_size=SIZE, dd_weight=0.25).config)
+    assert cfg["dd_weight"] == 0.25 and create_model(cfg.pop("name"), **cfg).dd_weight == 0.25
     small = create_model("mddnet", image_size=SIZE, num_classes=2, class_items=1).eval()
     loader = [{"image": torch.randn(3, 3, SIZE, SIZE), "class_index": torch.tensor([0, 1, 2])}]
     with pytest.raises(ModelError, match="has 3 classes but the model was built with num_classes=2"):
