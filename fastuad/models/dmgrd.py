@@ -83,6 +83,14 @@ describes; facts from DESIGN.md:
   10 demo epochs, loss stuck at 4.6, image / pixel AUROC 78.7 / 88.4) while seeds 0 and 1 took the
   flat one (fusion output 0). ``tanh`` keeps the student's input within one unit of the
   teacher's per channel whichever way the separation terms push.
+  Measured on trained default models, the flat way is the usual one: the correction
+  ``tanh(fusion)`` ends at 0-4% of the teacher features' magnitude (0.0% at every level for
+  seed 3 on the 128-px demo, OT and contrast exactly 0), so the default preset is in effect
+  RD4AD's student with this model's top-100 score, its memories serving class inference. With
+  the residual the student does not need the fusion output, so the separation terms are best
+  met by switching it off. Putting those terms on ``teacher + tanh(fusion)`` instead keeps the
+  path on but saturated (tanh at +-1) and was no better on the demo (README); the paper preset,
+  whose fusion output is the student's only input, cannot switch it off.
 * Default preset only: the student's level outputs are linear (``linear_out=True``), for the
   reason :mod:`fastuad.models.rd4ad` gives (Lite0's levels are signed; a ReLU output cannot point
   along them). The paper preset's ``wide_resnet50_2`` levels are post-ReLU and keep the ReLU.
