@@ -110,13 +110,32 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _model_args(args: argparse.Namespace) -> dict:
-    """Model overrides given as their own flags (only those the user set)."""
+    """Model overrides: ``--model-arg KEY=VALUE`` options and the flags of their own (only those set)."""
     extra = {}
+    for item in args.model_arg:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise _UserError(f"--model-arg must be KEY=VALUE with KEY a model option name, got {item!r}")
+        if key in extra:
+            raise _UserError(f"--model-arg {key} is given twice")
+        extra[key] = _option_value(text.strip())
     if args.coreset_ratio is not None:
         if not 0 < args.coreset_ratio <= 1:
             raise _UserError(f"--coreset-ratio must lie in (0, 1], got {args.coreset_ratio}")
+        if "coreset_ratio" in extra:
+            raise _UserError("coreset_ratio is given both as --coreset-ratio and as --model-arg")
         extra["coreset_ratio"] = args.coreset_ratio
     return extra
+
+
+def _option_value(text: str):
+    """A ``--model-arg`` value read as JSON (numbers, true/false, null, lists); anything else stays a string."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return tuple(value) if isinstance(value, list) else value
 
 
 def _trained_line(result: dict) -> str:
@@ -248,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     train.add_argument("--json", default=None, help="write the final metrics to this JSON file")
     train.add_argument("--coreset-ratio", type=float, default=None, help="patchcore: fraction of the patch features its memory bank keeps (default 0.1)")
+    train.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="a model option, e.g. hard_quantile=0.8 (rd4ad) or dd_weight=1 (mddnet); repeatable; VALUE is read "
+                            "as JSON (numbers, true/false, null, lists), anything else as a string; recorded in the checkpoint")
     _common(train, batch_size=None)
     train.set_defaults(func=cmd_train)
 

@@ -350,12 +350,24 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool, modify: bool = True) 
 
 
 def _check_resume(ckpt: dict, model: nn.Module, path: Path) -> None:
+    """Refuse to continue a run with another model set-up (architecture, loss or map options).
+
+    Every option the checkpoint records must match; an option this version records that an
+    older checkpoint lacks is not compared (it was trained with that version's default).
+    """
     mine, theirs = model.config, ckpt["config"]
-    for key in ("name", "backbone", "image_size"):
-        if mine.get(key) != theirs.get(key):
+    keys = ["name", "backbone", "image_size"] + sorted(k for k in theirs if k not in ("name", "backbone", "image_size"))
+    for key in keys:
+        if key in theirs and _as_lists(mine.get(key)) != _as_lists(theirs.get(key)):
+            hint = "" if key in ("name", "backbone", "image_size") else " (give the run's --model-arg options again)"
             raise EngineError(
-                f"cannot resume from {path}: it was trained with {key}={theirs.get(key)!r}, this run asks for {mine.get(key)!r}"
+                f"cannot resume from {path}: it was trained with {key}={theirs.get(key)!r}, this run asks for {mine.get(key)!r}{hint}"
             )
+
+
+def _as_lists(value):
+    """Tuples and lists compare alike (a checkpoint may hold either)."""
+    return [_as_lists(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def model_recipe(model: nn.Module, cfg: TrainConfig) -> TrainRecipe:

@@ -72,6 +72,32 @@ def test_checkpoint_of_another_model_or_setup(tiny_root, tmp_path, capsys):
     _one_line_error(capsys, ["eval", "--checkpoint", str(tmp_path / "other.pt"), "--dataset", "mvtec", "--data-root", str(tiny_root)], "does not fit model 'rd4ad'")
 
 
+def test_model_args_reach_the_model_and_its_checkpoint(tiny_root, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    assert main(_train_args(tiny_root, out, "--no-eval", "--model-arg", "hard_quantile=0.8", "--model-arg", " easy_weight = 0.2")) == 0
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["config"]["hard_quantile"] == 0.8 and ckpt["config"]["easy_weight"] == 0.2
+    from fastuad.engine import load_checkpoint
+
+    model, _ = load_checkpoint(out / "last.pt")
+    assert (model.loss_fn.hard_quantile, model.loss_fn.easy_weight) == (0.8, 0.2)
+    assert main(_train_args(tiny_root, tmp_path / "plain", "--no-eval", "--model-arg", "hard_quantile=null")) == 0
+    assert torch.load(tmp_path / "plain" / "last.pt", weights_only=True)["config"]["hard_quantile"] is None
+    capsys.readouterr()
+    # a run continues only with the options it was trained with
+    _one_line_error(capsys, _train_args(tiny_root, out, "--resume", "--epochs", "2"),
+                    "it was trained with easy_weight=0.2, this run asks for 0.1 (give the run's --model-arg options again)")
+    resumed = _train_args(tiny_root, out, "--resume", "--epochs", "2", "--no-eval", "--model-arg", "hard_quantile=0.8", "--model-arg", "easy_weight=0.2")
+    assert main(resumed) == 0 and torch.load(out / "last.pt", weights_only=True)["epoch"] == 2
+    o = tmp_path / "o"
+    _one_line_error(capsys, _train_args(tiny_root, o, "--model-arg", "hard_quantile"), "--model-arg must be KEY=VALUE")
+    _one_line_error(capsys, _train_args(tiny_root, o, "--model-arg", "=1"), "--model-arg must be KEY=VALUE")
+    _one_line_error(capsys, _train_args(tiny_root, o, "--model-arg", "easy_weight=0.2", "--model-arg", "easy_weight=0.3"), "--model-arg easy_weight is given twice")
+    _one_line_error(capsys, _train_args(tiny_root, o, "--model-arg", "nope=1"), "unexpected keyword argument 'nope'")
+    _one_line_error(capsys, _train_args(tiny_root, o, "--model-arg", "hard_quantile=2"), "hard_quantile must be None or a number in (0, 1), got 2")
+    _one_line_error(capsys, _train_args(tiny_root, o, "--model-arg", "hard_quantile=high"), "got 'high'")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_cuda_asked_without_gpu(tiny_root, tmp_path, capsys):
     _one_line_error(capsys, _train_args(tiny_root, tmp_path / "o", "--device", "cuda"), "no CUDA GPU is visible")

@@ -104,6 +104,10 @@ def create_model(
         if "unexpected keyword argument" in str(exc):
             raise ModelError(f"model {name!r}: {exc}") from exc
         raise
+    except ValueError as exc:  # a layer refusing an option's value: the user's input, named by the layer
+        if isinstance(exc, FastUADError):
+            raise
+        raise ModelError(f"model {name!r}: {exc}") from exc
     model.config.setdefault("preset", preset)
     return model
 
