@@ -40,7 +40,7 @@ our choices and why:
 * Decoder-decoder map weight ``dd_weight``: 1 (equal weights) in the paper preset, 0.5 in the
   default preset; score = max. The decoder-decoder map is learnt from synthetic anomalies only
   and, after a 10-epoch CPU run, is the noisier of the two (alone on the 128-px demo: image /
-  pixel AUROC 60-70 / 80-82, against 90-95 / 96-97 for the encoder-decoder map); its spikes on
+  pixel AUROC 60-70 / 79-82, against 90-95 / 96-97 for the encoder-decoder map); its spikes on
   normal images set the image score (a max). With equal weights the demo's image AUROC swung
   with the seed (seeds 0 / 1 / 2: 95.0 / 93.0 / 83.9, below the 85 bar at seed 2); at 0.5 it is
   94.7 / 93.6 / 86.8 (pixel 97.0 / 96.7 / 96.0 against 96.8 / 96.6 / 95.7), on the same trained
