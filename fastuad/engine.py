@@ -349,6 +349,10 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool, modify: bool = True) 
 # --------------------------------------------------------------------------------------------
 
 
+# Compared first and always on resume; every other option only where the checkpoint records it.
+_RUN_IDENTITY = ("name", "backbone", "image_size")
+
+
 def _check_resume(ckpt: dict, model: nn.Module, path: Path) -> None:
     """Refuse to continue a run with another model set-up (architecture, loss or map options).
 
@@ -356,10 +360,10 @@ def _check_resume(ckpt: dict, model: nn.Module, path: Path) -> None:
     older checkpoint lacks is not compared (it was trained with that version's default).
     """
     mine, theirs = model.config, ckpt["config"]
-    keys = ["name", "backbone", "image_size"] + sorted(k for k in theirs if k not in ("name", "backbone", "image_size"))
-    for key in keys:
-        if key in theirs and _as_lists(mine.get(key)) != _as_lists(theirs.get(key)):
-            hint = "" if key in ("name", "backbone", "image_size") else " (give the run's --model-arg options again)"
+    options = sorted(k for k in theirs if k not in _RUN_IDENTITY)
+    for key in _RUN_IDENTITY + tuple(options):
+        if _as_lists(mine.get(key)) != _as_lists(theirs.get(key)):
+            hint = "" if key in _RUN_IDENTITY else " (give the run's --model-arg options again)"
             raise EngineError(
                 f"cannot resume from {path}: it was trained with {key}={theirs.get(key)!r}, this run asks for {mine.get(key)!r}{hint}"
             )

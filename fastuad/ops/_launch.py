@@ -78,7 +78,6 @@ def sm8x_tiles(arch: int | None) -> bool:
     return arch is not None and arch < 90
 
 
-
 @functools.lru_cache(maxsize=8)
 def num_sms(device: torch.device) -> int:
     """Multiprocessors of a CUDA device; a plausible GPU size (132) under the interpreter."""
