@@ -155,6 +155,20 @@ def test_paper_preset_weighs_both_maps_equally_and_its_config_rebuilds_it():
         small.fit_memory([{"image": torch.randn(2, 3, SIZE, SIZE), "class_index": torch.tensor([0, 2])}])
 
 
+def test_default_decoders_are_linear_and_mine_hard_points_as_rd4ad(fitted, rd_train_loader):
+    """Default preset: linear level outputs (Lite0's levels are signed) and the hard-point loss; paper: ReLU, plain mean."""
+    x = _batch(rd_train_loader)["image"][:2]
+    paper = create_model("mddnet", preset="paper", weights="random", image_size=SIZE, num_classes=4).eval()
+    assert (fitted.linear_out, fitted.loss_fn.hard_quantile) == (True, 0.9)
+    assert (fitted.config["linear_out"], fitted.config["hard_quantile"]) == (True, 0.9)
+    assert (paper.linear_out, paper.loss_fn.hard_quantile, paper.config["linear_out"]) == (False, None, False)
+    with torch.no_grad():
+        restored, identity = fitted.decode(fitted.encoder(x), torch.tensor([0, 1]))
+        relu = create_model("mddnet", image_size=SIZE, linear_out=False).eval().decode(fitted.encoder(x), torch.tensor([0, 1]))
+    assert all((r < 0).any() and (i < 0).any() for r, i in zip(restored, identity))
+    assert all((r >= 0).all() and (i >= 0).all() for r, i in zip(*relu))
+
+
 @pytest.mark.slow
 def test_demo_accuracy_after_10_cpu_epochs(tmp_path):
     """The default preset, 10 epochs on the demo set at 128 px: image AUROC >= 0.85, pixel AUROC >= 0.90."""

@@ -53,6 +53,14 @@ our choices and why:
   L2-normalised teacher features of ``class_items`` training images per class, filled by
   :meth:`MDDNet.fit_memory` before the first epoch; :func:`fastuad.ops.knn`). Training uses the
   batch's true ``class_index``.
+* Default preset only: RD4AD's two fixes for EfficientNet-Lite0 (:mod:`fastuad.models.rd4ad`):
+  both decoders end each level linearly (``linear_out=True``; Lite0's levels are signed and a
+  ReLU output cannot point along them) and the cosine losses mine hard points
+  (``hard_quantile=0.9, easy_weight=0.1``). The paper preset keeps ReLU outputs (post-ReLU
+  ResNet levels) and the plain mean. Held-out photographs at 256 px, seed 0: 91.2 / 99.2 / 93.6
+  against 88.9 / 98.2 / 90.6 without either (linear outputs alone: 88.1 / 98.7 / 92.3); 128-px
+  demo seeds 0 / 1 / 2: 92.4 / 97.7, 85.8 / 93.6, 91.9 / 97.0 against 94.7 / 97.0, 93.6 / 96.7,
+  86.8 / 96.0 - lower on the demo's objects, higher on the real photographs.
 * ``preset="paper"``: the paper's abstract names no backbone or recipe; we use what multi-class
   reverse-distillation work uses (wide_resnet50_2 layers 1-3 at 256 px, Adam 0.005 with betas
   (0.5, 0.999), batch 16) with 200 epochs.
@@ -98,6 +106,9 @@ class MDDNet(nn.Module):
         pseudo_ratio: float = 0.5,
         mask_weight: float = 1.0,
         dd_weight: float = 1.0,
+        linear_out: bool = False,
+        hard_quantile: float | None = None,
+        easy_weight: float = 0.1,
         seed: int = 0,
         config: dict | None = None,
     ) -> None:
@@ -118,16 +129,17 @@ class MDDNet(nn.Module):
         self.bottleneck = OCBE(chans, reds, embed_dim, fuse_dim, bottleneck_blocks, bottleneck_stride)
         self.memory = MemoryModule(memory_slots, embed_dim, num_classes=num_classes, temperature=memory_temperature)
         self.memory_fuse = nn.Sequential(nn.Conv2d(2 * embed_dim, embed_dim, 1, bias=False), nn.BatchNorm2d(embed_dim), nn.ReLU(inplace=True))
-        self.restoration = MirroredDecoder(chans, reds, embed_dim, bottleneck_stride, decoder_blocks, decoder_width, False)
-        self.identity = MirroredDecoder(chans, reds, embed_dim, bottleneck_stride, decoder_blocks, decoder_width, False)
+        self.restoration = MirroredDecoder(chans, reds, embed_dim, bottleneck_stride, decoder_blocks, decoder_width, bool(linear_out))
+        self.identity = MirroredDecoder(chans, reds, embed_dim, bottleneck_stride, decoder_blocks, decoder_width, bool(linear_out))
         self.class_keys = ClassFeatureMemory(chans, store_maps=False)
-        self.loss_fn = CosineDistanceLoss()
+        self.loss_fn = CosineDistanceLoss(hard_quantile=hard_quantile, easy_weight=easy_weight)
         self.map_head = CosineDistanceMap(out_size=image_size, reduction="sum", blur_sigma=4)
         self.num_classes = num_classes
         self.class_items = class_items
         self.pseudo_ratio = float(pseudo_ratio)
         self.mask_weight = float(mask_weight)
         self.dd_weight = float(dd_weight)
+        self.linear_out = bool(linear_out)
         self.seed = seed
         self._step = 0
         self.config = dict(config or {})
@@ -227,7 +239,7 @@ class MDDNet(nn.Module):
 
 
 _PRESETS = {
-    "default": {"backbone": DEFAULT_BACKBONE, "image_size": 256, "layers": (1, 2, 3), "dd_weight": 0.5},
+    "default": {"backbone": DEFAULT_BACKBONE, "image_size": 256, "layers": (1, 2, 3), "dd_weight": 0.5, "linear_out": True, "hard_quantile": 0.9},
     "paper": {"backbone": "wide_resnet50_2", "image_size": 256, "layers": (1, 2, 3), "embed_dim": 2048, "fuse_dim": 1024,
               "bottleneck_blocks": 3, "decoder_blocks": 2, "decoder_width": 2},
 }
@@ -255,8 +267,10 @@ def mddnet(
     encoder = create_backbone(backbone, out_indices=layers, weights=weights)
     config = {"name": "mddnet", "backbone": backbone, "image_size": image_size, "layers": list(layers), "preset": preset, **overrides}
     model = MDDNet(encoder, image_size=image_size, config=config, **kwargs)
-    # The map weight is recorded, so a checkpoint rebuilds the same map whatever the preset's default becomes.
-    model.config["dd_weight"] = model.dd_weight
+    # The map weight, output type and loss are recorded, so a checkpoint rebuilds the same model
+    # and resumes with the same loss whatever the preset's defaults become.
+    model.config.update(dd_weight=model.dd_weight, linear_out=model.linear_out,
+                        hard_quantile=model.loss_fn.hard_quantile, easy_weight=model.loss_fn.easy_weight)
     if preset == "paper":
         model.recipe = PAPER_RECIPE.replace()
     return model
