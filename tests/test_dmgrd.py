@@ -162,6 +162,8 @@ def test_paper_preset_matches_the_authors_parameter_count():
     assert (r.optimizer, r.lr, tuple(r.betas), r.batch_size, r.schedule) == ("adam", 0.005, (0.5, 0.999), 8, "cosine")
     assert r.warmup_steps == 500 and r.epochs * -(-3629 // 8) >= 4990  # 5000 steps on MVTec AD's 3,629 images
     assert model.config["preset"] == "paper"
+    # the paper's plain mean loss and OT on the raw fusion output (the default preset has neither)
+    assert (model.loss_fn.hard_quantile, model.ot_bounded, model.config["ot_bounded"]) == (None, False, False)
 
 
 def test_default_student_is_linear_and_its_memory_correction_is_bounded(fitted, rd_train_loader):
@@ -183,30 +185,26 @@ def test_default_student_is_linear_and_its_memory_correction_is_bounded(fitted, 
 
 
 def test_default_preset_mines_hard_points_and_bounds_the_ot_input(fitted):
-    """Default preset: RD4AD's hard-point loss and OT on ``softmax(tanh(fusion))``; the paper preset keeps neither.
+    """Default preset: RD4AD's hard-point loss and OT on ``softmax(tanh(fusion))`` (the paper preset: see its test).
 
     On unbounded logits the OT term is met by an ever sharper softmax (seed 2 of the hard-mining
     run: fusion outputs ~7e8); through ``tanh`` the softmax cannot sharpen past ``e^2`` between entries.
     """
     assert (fitted.loss_fn.hard_quantile, fitted.ot_bounded) == (0.9, True)
     assert (fitted.config["hard_quantile"], fitted.config["ot_bounded"]) == (0.9, True)
-    paper = create_model("dmgrd", preset="paper", weights="random", image_size=SIZE)
-    assert (paper.loss_fn.hard_quantile, paper.ot_bounded, paper.config["ot_bounded"]) == (None, False, False)
+
+    def ot_by_hand(levels, bound):  # one class of 4 images: halves [0, 1] against [2, 3]
+        return sum(
+            fastuad.nn.sinkhorn_divergence(a[:2], a[2:], blur=fitted.ot_blur, iters=fitted.ot_iters)
+            for a in (torch.softmax((torch.tanh(f) if bound else f).flatten(1), dim=1) for f in levels)
+        )
+
     g = torch.Generator().manual_seed(5)
     fused = [torch.randn(4, 3, 4, 4, generator=g) for _ in range(2)]
     cls = torch.tensor([0, 0, 0, 0])
-    got = fitted._ot_term(fused, cls)
-    want = sum(
-        fastuad.nn.sinkhorn_divergence(a[:2], a[2:], blur=fitted.ot_blur, iters=fitted.ot_iters)
-        for a in (torch.softmax(torch.tanh(f).flatten(1), dim=1) for f in fused)
-    )
-    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(fitted._ot_term(fused, cls), ot_by_hand(fused, bound=True))
     sharp = [1e4 * f for f in fused]
-    fitted.ot_bounded = False
-    try:
-        unbounded = fitted._ot_term(sharp, cls)
-    finally:
-        fitted.ot_bounded = True
+    unbounded = ot_by_hand(sharp, bound=False)
     assert unbounded > 1.0 and fitted._ot_term(sharp, cls) < 0.05 * unbounded
 
 

@@ -145,6 +145,8 @@ def test_bad_input_names_the_cause(fitted):
 def test_paper_preset_weighs_both_maps_equally_and_its_config_rebuilds_it():
     paper = create_model("mddnet", preset="paper", weights="random")
     assert paper.dd_weight == paper.config["dd_weight"] == 1.0 and paper.encoder.channels == [256, 512, 1024]
+    # ReLU level outputs (post-ReLU ResNet levels) and the plain mean loss (the default preset has neither)
+    assert (paper.linear_out, paper.loss_fn.hard_quantile, paper.config["linear_out"]) == (False, None, False)
     cfg = dict(create_model("mddnet", image_size=SIZE, dd_weight=0.25).config)
     assert cfg["dd_weight"] == 0.25 and create_model(cfg.pop("name"), **cfg).dd_weight == 0.25
     small = create_model("mddnet", image_size=SIZE, num_classes=2, class_items=1).eval()
@@ -156,12 +158,10 @@ def test_paper_preset_weighs_both_maps_equally_and_its_config_rebuilds_it():
 
 
 def test_default_decoders_are_linear_and_mine_hard_points_as_rd4ad(fitted, rd_train_loader):
-    """Default preset: linear level outputs (Lite0's levels are signed) and the hard-point loss; paper: ReLU, plain mean."""
+    """Default preset: linear level outputs (Lite0's levels are signed) and the hard-point loss (the paper preset: see its test)."""
     x = _batch(rd_train_loader)["image"][:2]
-    paper = create_model("mddnet", preset="paper", weights="random", image_size=SIZE, num_classes=4).eval()
     assert (fitted.linear_out, fitted.loss_fn.hard_quantile) == (True, 0.9)
     assert (fitted.config["linear_out"], fitted.config["hard_quantile"]) == (True, 0.9)
-    assert (paper.linear_out, paper.loss_fn.hard_quantile, paper.config["linear_out"]) == (False, None, False)
     with torch.no_grad():
         restored, identity = fitted.decode(fitted.encoder(x), torch.tensor([0, 1]))
         relu = create_model("mddnet", image_size=SIZE, linear_out=False).eval().decode(fitted.encoder(x), torch.tensor([0, 1]))

@@ -355,15 +355,15 @@ class DMGRD(nn.Module):
 
     def _ot_term(self, fused: list[torch.Tensor], class_index: torch.Tensor) -> torch.Tensor:
         total = fused[0].new_zeros(())
+        # Each image's distribution per level, computed once for all classes of the batch.
+        dists = [torch.softmax((torch.tanh(f) if self.ot_bounded else f).float().flatten(1), dim=1) for f in fused]
         for k in class_index.unique().tolist():
             members = (class_index == k).nonzero()[:, 0]
             if members.numel() < 2:
                 continue
             half = members.numel() // 2
             a, b = members[:half], members[half:]
-            for f in fused:
-                f = torch.tanh(f) if self.ot_bounded else f
-                flat = torch.softmax(f.float().flatten(1), dim=1)
+            for flat in dists:
                 total = total + sinkhorn_divergence(flat[a], flat[b], blur=self.ot_blur, iters=self.ot_iters)
         return total
 
