@@ -40,15 +40,15 @@ def test_shapes_and_the_map_adds_encoder_decoder_and_weighted_decoder_decoder_di
     assert [r.shape for r in restored] == [i.shape for i in identity] == [t.shape for t in teacher]
     kw = dict(out_size=(SIZE, SIZE), reduction="sum", blur_sigma=4)
     ed, dd = cosine_distance_map_reference(teacher, restored, **kw), cosine_distance_map_reference(restored, identity, **kw)
-    assert fitted.dd_weight == fitted.config["dd_weight"] == 0.5  # the default preset's weight, recorded
-    torch.testing.assert_close(amap, ed + 0.5 * dd, atol=1e-4, rtol=1e-4)
+    assert fitted.dd_weight == fitted.config["dd_weight"] == 0.1  # the default preset's weight, recorded
+    torch.testing.assert_close(amap, ed + 0.1 * dd, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(score, amap.flatten(1).amax(1))
     fitted.dd_weight = 1.0  # the paper preset's equal weights
     try:
         with torch.no_grad():
             torch.testing.assert_close(fitted(x)[0], ed + dd, atol=1e-4, rtol=1e-4)
     finally:
-        fitted.dd_weight = 0.5
+        fitted.dd_weight = 0.1
     # the memory banks are per class: another class gives another restoration
     other = fitted.decode(teacher, torch.tensor([2, 2]))[0]
     assert not torch.allclose(other[-1], fitted.decode(teacher, torch.tensor([0, 0]))[0][-1])
@@ -162,6 +162,7 @@ def test_default_decoders_are_linear_and_mine_hard_points_as_rd4ad(fitted, rd_tr
     x = _batch(rd_train_loader)["image"][:2]
     assert (fitted.linear_out, fitted.loss_fn.hard_quantile) == (True, 0.9)
     assert (fitted.config["linear_out"], fitted.config["hard_quantile"]) == (True, 0.9)
+    assert fitted.pseudo_ratio == fitted.config["pseudo_ratio"] == 0.5  # recorded: a checkpoint resumes with the same share
     with torch.no_grad():
         restored, identity = fitted.decode(fitted.encoder(x), torch.tensor([0, 1]))
         relu = create_model("mddnet", image_size=SIZE, linear_out=False).eval().decode(fitted.encoder(x), torch.tensor([0, 1]))
