@@ -75,3 +75,40 @@ def test_hard_mining_loss_weights_easy_pixels_and_their_gradient():
 def test_hard_mining_loss_rejects_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CosineDistanceLoss(**kwargs)
+
+
+def _grouped_features():
+    """Four images; the last two (group 1) far from their targets, like synthetic anomalies beside clean images."""
+    g = torch.Generator().manual_seed(1)
+    fa = [torch.randn(4, c, s, s, generator=g) for c, s in ((6, 12), (10, 6))]
+    fb = [a + torch.tensor([0.2, 0.2, 3.0, 3.0])[:, None, None, None] * torch.randn(a.shape, generator=g) for a in fa]
+    return fa, fb, torch.tensor([0, 0, 1, 1])
+
+
+def test_hard_mining_per_group_mines_each_group_on_its_own():
+    fa, fb, groups = _grouped_features()
+    loss_fn = CosineDistanceLoss(hard_quantile=0.9, easy_weight=0.1)
+    expected = 0.0
+    for a, b in zip(fa, fb):
+        for g in (0, 1):
+            d = cosine_distance_reference(a[groups == g], b[groups == g])
+            w = torch.where(hard_mining_easy_mask(d, 0.9), 0.1, 1.0)
+            expected = expected + (d * w).sum() / w.sum() * 0.5  # each group holds half of the images
+    torch.testing.assert_close(loss_fn(fa, fb, groups=groups), expected, atol=1e-6, rtol=1e-6)
+    # Shared mining gives the far group every hard point, so the near group's pixels all weigh 0.1.
+    d0 = cosine_distance_reference(fa[0], fb[0])
+    assert not (~hard_mining_easy_mask(d0, 0.9))[:2].any()
+    assert not torch.allclose(loss_fn(fa, fb), loss_fn(fa, fb, groups=groups))
+    # One group is the shared mining; the plain mean does not depend on groups.
+    torch.testing.assert_close(loss_fn(fa, fb, groups=torch.zeros(4, dtype=torch.long)), loss_fn(fa, fb), atol=1e-6, rtol=1e-6)
+    plain = CosineDistanceLoss(hard_quantile=None)
+    torch.testing.assert_close(plain(fa, fb, groups=groups), plain(fa, fb), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("groups", [torch.tensor([0, 1]), torch.tensor([0.0, 0.0, 1.0, 1.0]), torch.tensor([True, False, True, False])])
+def test_hard_mining_per_group_rejects_bad_groups(groups):
+    fa, fb, _ = _grouped_features()
+    with pytest.raises(ValueError, match=r"groups must be an integer tensor of shape \[4\]"):
+        CosineDistanceLoss(hard_quantile=0.9)(fa, fb, groups=groups)
+    with pytest.raises(ValueError, match="groups must be"):
+        CosineDistanceLoss(hard_quantile=None)(fa, fb, groups=groups)

@@ -72,6 +72,13 @@ class CosineDistanceLoss(nn.Module):
     easy (flat regions, regular texture); an unweighted mean spends the short training on them
     while the student keeps a large error on normal fine detail (edges, eyes, highlights), and
     that error ranks as high as a defect in the map. ``None`` (default) is the plain mean.
+
+    ``groups`` (``forward``; ``[B]`` integer labels, optional): with hard mining, each group of
+    images is mined on its own (its own quantile per scale) and the group means are averaged
+    weighted by the groups' image counts. Why: in a batch that mixes clean and synthetic-anomaly
+    images, the synthetic defects are the hardest pixels and take nearly all of a shared hard
+    share, so the clean images' normal fine detail falls back to the easy weight. The plain mean
+    is the same with or without groups (every image has the same number of pixels).
     """
 
     def __init__(self, eps: float = 1e-8, backend: str = "auto", hard_quantile: float | None = None, easy_weight: float = 0.1) -> None:
@@ -86,12 +93,24 @@ class CosineDistanceLoss(nn.Module):
         self.hard_quantile = None if hard_quantile is None else float(hard_quantile)
         self.easy_weight = float(easy_weight)
 
-    def forward(self, feats_a: Sequence[torch.Tensor], feats_b: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, feats_a: Sequence[torch.Tensor], feats_b: Sequence[torch.Tensor], groups: torch.Tensor | None = None) -> torch.Tensor:
         check_level_lists(feats_a, feats_b)
+        n = feats_a[0].shape[0]
+        members = None if groups is None else self._group_members(groups, n)
         dists = (cosine_distance(a, b, eps=self.eps, backend=self.backend) for a, b in zip(feats_a, feats_b))
         if self.hard_quantile is None:
             return sum(d.mean() for d in dists)
-        return sum(self._hard_mean(d) for d in dists)
+        if members is None:
+            return sum(self._hard_mean(d) for d in dists)
+        return sum(sum(self._hard_mean(d[idx]) * (idx.numel() / n) for idx in members) for d in dists)
+
+    @staticmethod
+    def _group_members(groups: torch.Tensor, batch: int) -> list[torch.Tensor]:
+        """The batch indices of each group, from ``groups [B]`` integer labels."""
+        groups = torch.as_tensor(groups)
+        if groups.shape != (batch,) or groups.is_floating_point() or groups.dtype == torch.bool:
+            raise ValueError(f"groups must be an integer tensor of shape [{batch}] (one label per image), got {groups.dtype} {tuple(groups.shape)}")
+        return [torch.nonzero(groups == g).flatten() for g in torch.unique(groups)]
 
     def _hard_mean(self, dist: torch.Tensor) -> torch.Tensor:
         """Weighted mean of one scale's distances: weight 1 at or above the quantile, ``easy_weight`` below."""
