@@ -163,11 +163,32 @@ def test_default_decoders_are_linear_and_mine_hard_points_as_rd4ad(fitted, rd_tr
     assert (fitted.linear_out, fitted.loss_fn.hard_quantile) == (True, 0.9)
     assert (fitted.config["linear_out"], fitted.config["hard_quantile"]) == (True, 0.9)
     assert fitted.pseudo_ratio == fitted.config["pseudo_ratio"] == 0.5  # recorded: a checkpoint resumes with the same share
+    assert fitted.mine_per_group and fitted.config["mine_per_group"] is True
     with torch.no_grad():
         restored, identity = fitted.decode(fitted.encoder(x), torch.tensor([0, 1]))
         relu = create_model("mddnet", image_size=SIZE, linear_out=False).eval().decode(fitted.encoder(x), torch.tensor([0, 1]))
     assert all((r < 0).any() and (i < 0).any() for r, i in zip(restored, identity))
     assert all((r >= 0).all() and (i >= 0).all() for r, i in zip(*relu))
+
+
+def test_restoration_loss_mines_clean_and_synthetic_images_apart(rd_train_loader, monkeypatch):
+    """Default preset: the restoration loss mines hard points among the clean and the synthetic-anomaly
+    inputs separately (their defects would take the whole hard share); the identity loss mines the batch as one."""
+    torch.manual_seed(0)
+    model = create_model("mddnet", image_size=SIZE).train()
+    batch = _batch(rd_train_loader)
+    calls = []
+    real = model.loss_fn.forward
+    monkeypatch.setattr(model.loss_fn, "forward", lambda a, b, groups=None: calls.append(groups) or real(a, b, groups=groups))
+    terms = model.loss_terms(batch)
+    n = batch["image"].shape[0]
+    assert torch.equal(calls[0], torch.arange(n) % 2) and calls[1] is None  # every second image is synthetic
+    model._step -= 1  # the same synthetic anomalies again
+    shared = create_model("mddnet", image_size=SIZE, mine_per_group=False)
+    shared.load_state_dict(model.state_dict())
+    shared.train()._step = model._step
+    assert shared.config["mine_per_group"] is False
+    assert not torch.allclose(shared.loss_terms(batch)["restoration"], terms["restoration"])
 
 
 @pytest.mark.slow
