@@ -233,13 +233,11 @@ class MDDNet(nn.Module):
         n_fake = int(math.floor(b * self.pseudo_ratio))
         if n_fake:
             idx = torch.arange(1, b, 2, device=clean.device)[:n_fake] if self.pseudo_ratio <= 0.5 else torch.arange(n_fake, device=clean.device)
-            keep = torch.ones(b, dtype=torch.bool, device=clean.device)
-            keep[idx] = False
-            fake, fake_mask = pseudo_anomalies(clean[idx], list(clean[keep]) or list(clean), seed=self.seed * 100003 + self._step)
+            synthetic[idx] = 1
+            fake, fake_mask = pseudo_anomalies(clean[idx], list(clean[synthetic == 0]) or list(clean), seed=self.seed * 100003 + self._step)
             inputs = clean.clone()
             inputs[idx] = fake
             mask[idx] = fake_mask
-            synthetic[idx] = 1
         self._step += 1
         with torch.no_grad():
             target = self.encoder(clean)
