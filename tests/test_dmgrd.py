@@ -230,3 +230,18 @@ def test_sinkhorn_divergence_is_zero_on_equal_clouds_and_the_squared_shift_over_
     torch.testing.assert_close(fastuad.nn.sinkhorn_divergence(x, x + 1.0, blur=1.0, iters=50), torch.tensor(2.5), atol=1e-3, rtol=1e-3)
     with pytest.raises(ValueError, match="x and y must be"):
         fastuad.nn.sinkhorn_divergence(x, torch.randn(3, 4))
+
+
+def test_config_records_every_preset_option_so_a_checkpoint_outlives_a_preset_change(monkeypatch):
+    """The config holds each preset-derived option (not only the overrides): a model rebuilt from it is the
+    one that was trained even when the preset's values have changed since."""
+    from fastuad.models import dmgrd as dmgrd_module
+
+    model = create_model("dmgrd", image_size=SIZE, memory_items=2)
+    preset = {k: v for k, v in dmgrd_module._PRESETS["default"].items() if k not in ("backbone", "image_size", "layers")}
+    assert {k: model.config[k] for k in preset} == {**preset, "memory_items": 2}
+    monkeypatch.setitem(dmgrd_module._PRESETS, "default", {**dmgrd_module._PRESETS["default"], "residual_fusion": False, "pseudo_ratio": 0.5})
+    cfg = dict(model.config)
+    rebuilt = create_model(cfg.pop("name"), **cfg)
+    assert (rebuilt.residual_fusion, rebuilt.pseudo_ratio, rebuilt.memory_items) == (True, 0.0, 2)
+    assert create_model("dmgrd", image_size=SIZE).residual_fusion is False  # the changed preset itself

@@ -198,3 +198,11 @@ def test_demo_accuracy_after_10_cpu_epochs(tmp_path):
     result = train(TrainConfig(model="mddnet", dataset="mvtec", data_root=str(root), out=str(tmp_path / "run"), image_size=128, progress=False))
     mean = result["metrics"]["mean"]
     assert mean["i_auroc"] >= 0.85 and mean["p_auroc"] >= 0.90, mean
+
+
+def test_config_records_every_preset_option():
+    from fastuad.models import mddnet as mddnet_module
+
+    model = create_model("mddnet", image_size=SIZE, class_items=3)
+    preset = {k: v for k, v in mddnet_module._PRESETS["default"].items() if k not in ("backbone", "image_size", "layers")}
+    assert {k: model.config[k] for k in preset} == preset and model.config["class_items"] == 3

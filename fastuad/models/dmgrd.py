@@ -443,10 +443,12 @@ def dmgrd(
     base.pop("layers", None)
     kwargs = {**base, **overrides}
     encoder = create_backbone(backbone, out_indices=layers, weights=weights)
-    config = {"name": "dmgrd", "backbone": backbone, "image_size": image_size, "layers": list(layers), "preset": preset, **overrides}
+    # Every preset-derived option is recorded (with the overrides), so a checkpoint rebuilds the model it was
+    # trained as even after a preset's values change.
+    config = {"name": "dmgrd", "backbone": backbone, "image_size": image_size, "layers": list(layers), "preset": preset, **kwargs}
     model = DMGRD(encoder, image_size=image_size, config=config, **kwargs)
-    # Training options the default preset changed are recorded from the built model, so a
-    # checkpoint resumes with the loss it was trained with whatever the presets become.
+    # The loss options are recorded from the built model as well, constructor defaults included
+    # (easy_weight), so a checkpoint resumes with the loss it was trained with whatever the defaults become.
     model.config.update(hard_quantile=model.loss_fn.hard_quantile, easy_weight=model.loss_fn.easy_weight, ot_bounded=model.ot_bounded)
     if preset == "paper":
         model.recipe = PAPER_RECIPE.replace()

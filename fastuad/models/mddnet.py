@@ -288,10 +288,12 @@ def mddnet(
     layers = tuple(int(i) for i in (layers or base["layers"]))
     kwargs = {**{k: v for k, v in base.items() if k not in ("backbone", "image_size", "layers")}, **overrides}
     encoder = create_backbone(backbone, out_indices=layers, weights=weights)
-    config = {"name": "mddnet", "backbone": backbone, "image_size": image_size, "layers": list(layers), "preset": preset, **overrides}
+    # Every preset-derived option is recorded (with the overrides), so a checkpoint rebuilds the model it was
+    # trained as even after a preset's values change.
+    config = {"name": "mddnet", "backbone": backbone, "image_size": image_size, "layers": list(layers), "preset": preset, **kwargs}
     model = MDDNet(encoder, image_size=image_size, config=config, **kwargs)
-    # The map weight, anomaly share, output type and loss are recorded, so a checkpoint rebuilds the same model
-    # and resumes with the same loss whatever the preset's defaults become.
+    # The map weight, anomaly share, output type and loss are recorded from the built model as well, constructor
+    # defaults included, so a checkpoint resumes with the same loss whatever the defaults become.
     model.config.update(dd_weight=model.dd_weight, pseudo_ratio=model.pseudo_ratio, linear_out=model.linear_out,
                         hard_quantile=model.loss_fn.hard_quantile, easy_weight=model.loss_fn.easy_weight,
                         mine_per_group=model.mine_per_group)
